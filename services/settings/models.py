@@ -1,0 +1,87 @@
+"""Typed settings for every service: one model tree, each knob with a default and a description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class StrictModel(BaseModel):
+    """A settings section that refuses unknown keys, so a typo fails loudly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisSettings(StrictModel):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss:// for TLS).")
+    password: SecretStr | None = Field(None, description="Redis password (AUTH); required unless insecure_local.")
+    username: str | None = Field(None, description="Redis ACL user name, when ACLs are used.")
+    tls: bool = Field(False, description="Use TLS even when the URL says redis://.")
+    tls_ca_cert: Path | None = Field(None, description="CA bundle that signs the Redis server certificate.")
+    insecure_local: bool = Field(
+        False, description="Allow a Redis without a password; only accepted for a loopback host."
+    )
+    socket_timeout_s: float = Field(10.0, gt=0, description="Socket read/write timeout for Redis calls.")
+    connect_retries: int = Field(8, ge=0, description="Retries with exponential backoff on connection loss.")
+    retry_backoff_cap_s: float = Field(5.0, gt=0, description="Upper bound of one backoff sleep.")
+
+
+class QueueSettings(StrictModel):
+    tasks_stream: str = Field("sf:tasks", description="Stream the learner feeds with prompts.")
+    trajectories_stream: str = Field("sf:trajectories", description="Stream the workers publish groups to.")
+    dead_letter_suffix: str = Field(":dead", description="Suffix of each stream's dead-letter stream.")
+    max_length: int = Field(10_000, ge=1, description="Entries (waiting + pending) a stream may hold.")
+    claim_idle_ms: int = Field(
+        120_000, ge=1, description="A pending entry idle this long is reclaimed from its (dead) consumer."
+    )
+    max_deliveries: int = Field(3, ge=1, description="Deliveries before an entry is dead-lettered.")
+    block_ms: int = Field(1_000, ge=0, description="How long consume() blocks waiting for new entries.")
+    backpressure_timeout_s: float = Field(
+        60.0, ge=0, description="How long put() waits for room in a full stream before raising QueueFull."
+    )
+    codec: Literal["msgpack", "json"] = Field("msgpack", description="Wire format of queue payloads.")
+
+
+class TelemetrySettings(StrictModel):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
+    log_format: Literal["json", "console"] = Field("console", description="Structured JSON or key=value.")
+    metrics_host: str = Field("127.0.0.1", description="Interface the /metrics endpoint binds to.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 turns the exporter off.")
+
+
+class RewardSettings(StrictModel):
+    accuracy_weight: float = Field(1.0, ge=0, description="Weight of the correctness reward r_acc.")
+    efficiency_weight: float = Field(
+        0.5, ge=0, description="lambda: weight of the reduction-ratio reward, paid only when correct."
+    )
+    format_weight: float = Field(0.0, ge=0, description="mu: weight of the optional format reward.")
+    number_rel_tolerance: float = Field(1e-6, ge=0, description="Relative tolerance of number answers.")
+    number_abs_tolerance: float = Field(1e-9, ge=0, description="Absolute tolerance of number answers.")
+
+
+class RewardServerSettings(StrictModel):
+    host: str = Field("127.0.0.1", description="Interface the reward server binds to.")
+    port: int = Field(8100, ge=0, le=65535, description="Port of the reward server.")
+    url: str = Field("http://127.0.0.1:8100", description="Where clients reach the reward server.")
+    auth_token: SecretStr | None = Field(None, description="Bearer token clients must send.")
+    auth_required: bool = Field(True, description="Refuse requests without the bearer token.")
+    max_batch_items: int = Field(1024, ge=1, description="Most rollouts one /v1/score request may carry.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_inflight_requests: int = Field(64, ge=1, description="Requests in flight before shedding with 503.")
+    client_timeout_s: float = Field(10.0, gt=0, description="Client-side timeout of one request.")
+    client_retries: int = Field(5, ge=0, description="Client retries with backoff on errors and 429/503.")
+    rewards: RewardSettings = Field(default_factory=RewardSettings, description="Reward weights.")
+
+
+class Settings(StrictModel):
+    """Everything a run can configure. Sections belong to the services that read them."""
+
+    run_name: str = Field("default", description="Name of the run; namespaces its Redis keys and folder.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis connection.")
+    queues: QueueSettings = Field(default_factory=QueueSettings, description="Streams and delivery.")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Logs and metrics.")
+    reward_server: RewardServerSettings = Field(
+        default_factory=RewardServerSettings, description="Reward server and its clients."
+    )
