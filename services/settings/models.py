@@ -59,6 +59,9 @@ class RewardSettings(StrictModel):
     format_weight: float = Field(0.0, ge=0, description="mu: weight of the optional format reward.")
     number_rel_tolerance: float = Field(1e-6, ge=0, description="Relative tolerance of number answers.")
     number_abs_tolerance: float = Field(1e-9, ge=0, description="Absolute tolerance of number answers.")
+    format_timeout_s: float = Field(
+        0.05, gt=0, description="Longest a required_format regex may run on one completion (ReDoS guard)."
+    )
 
 
 class RewardServerSettings(StrictModel):
@@ -72,6 +75,9 @@ class RewardServerSettings(StrictModel):
     max_inflight_requests: int = Field(64, ge=1, description="Requests in flight before shedding with 503.")
     client_timeout_s: float = Field(10.0, gt=0, description="Client-side timeout of one request.")
     client_retries: int = Field(5, ge=0, description="Client retries with backoff on errors and 429/503.")
+    client_backoff_s: float = Field(0.1, gt=0, description="First client retry delay; doubles each retry.")
+    client_backoff_cap_s: float = Field(5.0, gt=0, description="Longest single client retry delay.")
+    shed_retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a load-shedding 503.")
     rewards: RewardSettings = Field(default_factory=RewardSettings, description="Reward weights.")
 
 
