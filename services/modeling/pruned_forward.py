@@ -1,0 +1,162 @@
+"""The training forward on pruned visual tokens: the HF Qwen2.5-VL, fed exactly what vLLM saw.
+
+Inference consistency is the whole point (DESIGN.md, "Train on the same tokens"). The patched vLLM
+model (``services.vllm_plugin``) keeps visual tokens ``kept_indices`` and gives each its original
+M-RoPE (t, h, w) coordinates; the text after the image continues from the *unpruned* grid (as if the
+pruned tokens were still there, invisible). Here we build the same sequence in three steps:
+
+1. embed the full prompt+completion: token embeddings with the vision tower + merger output scattered
+   into the N image placeholders, and M-RoPE positions from the model's own ``get_rope_index`` on the
+   unpruned sequence;
+2. drop the rows of the pruned visual tokens from both (``prune_sequence``);
+3. run the decoder stack on what is left with those explicit positions and read log-probs.
+
+Gradients flow through all of it: the LLM, the merger and the vision tower. The scorer
+(``services.sparsity.scorers``) uses step 1 too, so the scored and the trained sequence are one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.sparsity.budgets import KeepSetError, keep_mask
+
+
+@dataclass(frozen=True)
+class MultimodalSequence:
+    """One embedded, unpruned sequence.
+
+    inputs_embeds: (1, L, D); position_ids: (3, 1, L) long; visual_positions: (N,) long, the sequence
+    index of each visual token in image order.
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    visual_positions: torch.Tensor
+
+
+def image_token_id(model: torch.nn.Module) -> int:
+    """The id of the image placeholder token in this model's vocabulary."""
+    return int(model.config.image_token_id)
+
+
+def visual_tokens_per_image(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> list[int]:
+    """Merged visual tokens per image: t*h*w / merge^2. image_grid_thw: (images, 3)."""
+    merge = int(model.config.vision_config.spatial_merge_size)
+    return [int(n) for n in (image_grid_thw.prod(-1) // (merge * merge)).tolist()]
+
+
+def expand_placeholders(input_ids: torch.Tensor, placeholder_id: int, total: int) -> torch.Tensor:
+    """Widen a pruned prompt's single run of image placeholders back to ``total``. (1, L') -> (1, L)."""
+    row = input_ids[0]
+    positions = torch.nonzero(row == placeholder_id).flatten()
+    if positions.numel() == total:
+        return input_ids
+    if positions.numel() == 0 or int(positions[-1] - positions[0]) + 1 != positions.numel():
+        raise KeepSetError("input_ids must hold one contiguous run of image placeholders")
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    filler = torch.full((total,), placeholder_id, dtype=row.dtype, device=row.device)
+    return torch.cat([row[:start], filler, row[end:]]).unsqueeze(0)
+
+
+def embed_full_sequence(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+) -> MultimodalSequence:
+    """Embed one unpruned sequence with its image(s) and compute its M-RoPE positions.
+
+    input_ids: (1, L) with N image placeholders; pixel_values: (patches, C*T*P*P); image_grid_thw: (images, 3).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
+    core = model.model
+    placeholder_id = image_token_id(model)
+    image_mask = input_ids == placeholder_id
+    total = sum(visual_tokens_per_image(model, image_grid_thw))
+    placeholders = int(image_mask.sum())
+    if placeholders != total:
+        raise KeepSetError(
+            f"input_ids hold {placeholders} image placeholders but image_grid_thw="
+            f"{image_grid_thw.tolist()} gives {total} visual tokens"
+        )
+    image_features = core.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+    image_embeds = torch.cat(list(image_features), dim=0)
+    token_embeds = core.get_input_embeddings()(input_ids)
+    inputs_embeds = token_embeds.masked_scatter(
+        image_mask.unsqueeze(-1), image_embeds.to(token_embeds.dtype)
+    )
+    position_ids, _ = core.get_rope_index(
+        input_ids, mm_token_type_ids=image_mask.to(torch.int32), image_grid_thw=image_grid_thw
+    )
+    return MultimodalSequence(
+        inputs_embeds=inputs_embeds,
+        position_ids=position_ids,
+        visual_positions=torch.nonzero(image_mask[0]).flatten(),
+    )
+
+
+def prune_sequence(
+    sequence: MultimodalSequence, kept_indices: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the pruned visual tokens' rows, keeping every survivor's original position.
+
+    Returns inputs_embeds (1, L', D), position_ids (3, 1, L') and kept_rows (L,) bool over the full sequence.
+    """
+    total = int(sequence.visual_positions.numel())
+    mask = keep_mask(kept_indices, total).to(sequence.visual_positions.device)
+    kept_rows = torch.ones(
+        sequence.inputs_embeds.shape[1], dtype=torch.bool, device=sequence.inputs_embeds.device
+    )
+    kept_rows[sequence.visual_positions[~mask]] = False
+    return sequence.inputs_embeds[:, kept_rows], sequence.position_ids[:, :, kept_rows], kept_rows
+
+
+def decoder_logits(
+    model: torch.nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Run the decoder stack and LM head on embedded tokens. (1, L', D), (3, 1, L') -> (1, L', V)."""
+    hidden = model.model.language_model(
+        inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def pruned_completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    kept_indices: Sequence[int],
+    completion_length: int,
+) -> torch.Tensor:
+    """Log-probs of the last ``completion_length`` tokens of prompt+completion, with only kept visual tokens.
+
+    input_ids: (1, L) prompt then completion; its image placeholders may number N (unpruned) or
+    len(kept_indices) (as vLLM saw the prompt). Returns (completion_length,) float32, differentiable.
+    """
+    if completion_length < 1 or completion_length >= input_ids.shape[1]:
+        raise ValueError(
+            f"completion_length={completion_length} must lie in [1, {input_ids.shape[1] - 1}]"
+        )
+    total = sum(visual_tokens_per_image(model, image_grid_thw))
+    placeholders = int((input_ids == image_token_id(model)).sum())
+    if placeholders not in (total, len(kept_indices)):
+        raise KeepSetError(
+            f"input_ids hold {placeholders} image placeholders; expected {total} (the image's visual "
+            f"tokens) or {len(kept_indices)} (len(kept_indices))"
+        )
+    full_ids = expand_placeholders(input_ids, image_token_id(model), total)
+    sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw)
+    inputs_embeds, position_ids, _ = prune_sequence(sequence, kept_indices)
+    logits = decoder_logits(model, inputs_embeds, position_ids).float()
+    completion_ids = full_ids[0, -completion_length:]
+    # The token at pruned row j is predicted by the logits at row j-1; the completion is text, so its
+    # rows sit at the end of the pruned sequence too.
+    predicting = logits[0, -completion_length - 1 : -1]
+    logprobs = torch.log_softmax(predicting, dim=-1)
+    return logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
