@@ -1,0 +1,66 @@
+"""Write the bundled task families' train/val/test splits, deterministically by seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.data.digits import DigitGridSpec, generate_digit_grids
+from services.data.scenes import SceneSpec, generate_scenes
+from services.data.writer import SPLITS, split_seed, write_split
+
+TASK_FAMILIES: tuple[str, ...] = ("scenes", "digits")
+_FAMILY_SALT = {"scenes": 11, "digits": 23}
+
+
+class SplitSizes(BaseModel):
+    """How many items each split holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: int = Field(6000, ge=0, description="Training items.")
+    val: int = Field(200, ge=0, description="Validation items.")
+    test: int = Field(300, ge=0, description="Test items.")
+
+
+def build_family(
+    family: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    sizes: SplitSizes | None = None,
+    scene_spec: SceneSpec | None = None,
+    digit_spec: DigitGridSpec | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, Path]:
+    """Generate the requested splits of one family into out_dir/<family>/; return split -> JSONL path."""
+    if family not in TASK_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
+    sizes = sizes or SplitSizes()
+    family_dir = Path(out_dir) / family
+    written: dict[str, Path] = {}
+    for split in splits:
+        count = getattr(sizes, split)
+        rng = np.random.default_rng(split_seed(seed, split, _FAMILY_SALT[family]))
+        if family == "scenes":
+            items = generate_scenes(rng, scene_spec or SceneSpec(), split, count)
+        else:
+            items = generate_digit_grids(rng, digit_spec or DigitGridSpec(), split, count)
+        written[split] = write_split(items, family_dir, split, total=count, label=family)
+    return written
+
+
+def build_all(
+    out_dir: str | Path,
+    seed: int = 0,
+    sizes: SplitSizes | None = None,
+    scene_spec: SceneSpec | None = None,
+    digit_spec: DigitGridSpec | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, dict[str, Path]]:
+    """Generate every bundled family; return family -> split -> JSONL path."""
+    return {
+        family: build_family(family, out_dir, seed, sizes, scene_spec, digit_spec, splits)
+        for family in TASK_FAMILIES
+    }

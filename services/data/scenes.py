@@ -1,0 +1,160 @@
+"""Synthetic scenes: a few coloured shapes on a canvas, and a question about one of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.schemas.models import AnswerType, Task
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count")
+CELL_PIXELS = 56  # one object per 56-px cell: 2x2 visual tokens after Qwen's 28-px merge
+
+
+class SceneSpec(BaseModel):
+    """Parameters of the scenes generator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(224, ge=112, description="Canvas side in px (a multiple of 56).")
+    min_objects: int = Field(2, ge=1, description="Fewest shapes in a scene.")
+    max_objects: int = Field(4, ge=1, description="Most shapes in a scene (at most the number of colours).")
+    question_mix: dict[str, float] = Field(
+        default_factory=lambda: {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0},
+        description="Relative weight of each question kind.",
+    )
+    background_noise: float = Field(
+        0.0, ge=0, le=64, description="Std of the background's pixel noise (0 keeps the PNGs small)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SceneSpec:
+        if self.image_size % CELL_PIXELS:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of {CELL_PIXELS}")
+        if not self.min_objects <= self.max_objects <= min(len(COLOURS), self.cells_per_side**2):
+            raise ValueError(f"objects range [{self.min_objects}, {self.max_objects}] does not fit the canvas")
+        unknown = set(self.question_mix) - set(QUESTION_KINDS)
+        if unknown or not any(weight > 0 for weight in self.question_mix.values()):
+            raise ValueError(f"question_mix={self.question_mix} needs positive weights over {QUESTION_KINDS}")
+        if any(weight < 0 for weight in self.question_mix.values()):
+            raise ValueError(f"question_mix={self.question_mix} has a negative weight")
+        return self
+
+    @property
+    def cells_per_side(self) -> int:
+        """Placement grid: one object per cell."""
+        return self.image_size // CELL_PIXELS
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    row: int
+    column: int
+
+
+def quadrant_of(scene_object: SceneObject, cells_per_side: int) -> str:
+    """The canvas quadrant holding the object's cell."""
+    half = cells_per_side // 2
+    vertical = "top" if scene_object.row < half else "bottom"
+    horizontal = "left" if scene_object.column < half else "right"
+    return f"{vertical} {horizontal}"
+
+
+def sample_scene(rng: np.random.Generator, spec: SceneSpec) -> list[SceneObject]:
+    """Objects with distinct colours (so 'the red object' is unique) in distinct cells; shapes may repeat."""
+    count = int(rng.integers(spec.min_objects, spec.max_objects + 1))
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    cells = rng.choice(spec.cells_per_side**2, size=count, replace=False)
+    return [
+        SceneObject(str(colour), str(rng.choice(SHAPES)), int(cell) // spec.cells_per_side,
+                    int(cell) % spec.cells_per_side)
+        for colour, cell in zip(colours, cells, strict=True)
+    ]
+
+
+def _shape_outline(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    left, top, right, bottom = box
+    middle_x, middle_y = (left + right) / 2, (top + bottom) / 2
+    if shape == "triangle":
+        return [(middle_x, top), (right, bottom), (left, bottom)]
+    if shape == "diamond":
+        return [(middle_x, top), (right, middle_y), (middle_x, bottom), (left, middle_y)]
+    raise ValueError(f"shape={shape!r} has no polygon outline")
+
+
+def render_scene(rng: np.random.Generator, objects: list[SceneObject], spec: SceneSpec) -> Image.Image:
+    """Draw the objects, each jittered inside its cell, on a light noisy background."""
+    noise = rng.normal(0.0, spec.background_noise, size=(spec.image_size, spec.image_size, 1))
+    canvas = np.clip(235.0 + noise, 0, 255).repeat(3, axis=2).astype(np.uint8)
+    image = Image.fromarray(canvas, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for scene_object in objects:
+        side = float(rng.uniform(0.6, 0.85) * CELL_PIXELS)
+        slack = CELL_PIXELS - side
+        left = scene_object.column * CELL_PIXELS + float(rng.uniform(0, slack))
+        top = scene_object.row * CELL_PIXELS + float(rng.uniform(0, slack))
+        box = (left, top, left + side, top + side)
+        fill = COLOURS[scene_object.colour]
+        if scene_object.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene_object.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon(_shape_outline(scene_object.shape, box), fill=fill)
+    return image
+
+
+def ask_question(
+    rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
+) -> tuple[str, str, AnswerType, list[str] | None]:
+    """(question, answer, answer_type, choices) of one kind about the scene."""
+    if kind == "count":
+        shape = str(rng.choice(SHAPES))
+        answer = sum(scene_object.shape == shape for scene_object in objects)
+        return f"How many {shape}s are there?", str(answer), AnswerType.NUMBER, None
+    if kind == "colour":
+        unique_shapes = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+        if not unique_shapes:
+            return ask_question(rng, objects, "shape", cells_per_side)
+        target = unique_shapes[int(rng.integers(len(unique_shapes)))]
+        return f"What colour is the {target.shape}?", target.colour, AnswerType.EXACT, None
+    target = objects[int(rng.integers(len(objects)))]
+    if kind == "shape":
+        return f"What shape is the {target.colour} object?", target.shape, AnswerType.EXACT, None
+    if kind == "position":
+        question = f"Where is the {target.colour} {target.shape}?"
+        return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS)
+    raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
+
+
+def generate_scenes(rng: np.random.Generator, spec: SceneSpec, split: str, count: int) -> Iterator[
+    tuple[Task, Image.Image]
+]:
+    """Yield `count` (task, image) pairs of the scenes family for one split."""
+    kinds = list(spec.question_mix)
+    weights = np.array([spec.question_mix[kind] for kind in kinds], dtype=float)
+    for index in range(count):
+        objects = sample_scene(rng, spec)
+        image = render_scene(rng, objects, spec)
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        question, answer, answer_type, choices = ask_question(rng, objects, kind, spec.cells_per_side)
+        task_id = f"scenes-{split}-{index:06d}"
+        task = Task(id=task_id, image=f"images/{split}/{task_id}.png", question=question, answer=answer,
+                    answer_type=answer_type, choices=choices)
+        yield task, image

@@ -1,0 +1,38 @@
+"""Write generated tasks as a JSONL split with its images on disk (paths relative to the JSONL file)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from services.schemas.models import Task
+
+SPLITS = ("train", "val", "test")
+
+
+def split_seed(seed: int, split: str, salt: int) -> list[int]:
+    """Entropy for one split of one task family, so splits never share a random stream."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    return [seed, SPLITS.index(split), salt]
+
+
+def write_split(
+    items: Iterable[tuple[Task, Image.Image]], out_dir: Path, split: str, total: int, label: str
+) -> Path:
+    """Save each image under images/<split>/ and its task line into <split>.jsonl; return the JSONL path."""
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    jsonl_path = out_dir / f"{split}.jsonl"
+    partial_path = jsonl_path.with_suffix(".jsonl.partial")
+    with partial_path.open("w", encoding="utf-8") as lines:
+        for task, image in tqdm(items, total=total, desc=f"{label}/{split}", unit="item", leave=False):
+            image.save(out_dir / task.image, format="PNG", optimize=False)
+            lines.write(json.dumps(task.model_dump(mode="json", exclude_none=True)) + "\n")
+    # Rename last, so a half-written split never looks complete.
+    partial_path.replace(jsonl_path)
+    return jsonl_path
