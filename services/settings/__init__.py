@@ -12,6 +12,7 @@ from services.settings.models import (
     RedisSettings,
     RewardServerSettings,
     RewardSettings,
+    RolloutSettings,
     Settings,
     TelemetrySettings,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "RedisSettings",
     "RewardServerSettings",
     "RewardSettings",
+    "RolloutSettings",
     "Settings",
     "SettingsError",
     "TelemetrySettings",

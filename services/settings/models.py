@@ -81,6 +81,26 @@ class RewardServerSettings(StrictModel):
     rewards: RewardSettings = Field(default_factory=RewardSettings, description="Reward weights.")
 
 
+class RolloutSettings(StrictModel):
+    model_path: Path = Field(Path("assets/tiny-qwen25vl"), description="HF folder of the policy to start from.")
+    worker_id: str | None = Field(None, description="Consumer name in the tasks group; default host-pid.")
+    group_size: int = Field(8, ge=1, le=64, description="G: rollouts per prompt, one budget each.")
+    budget_assignment: Literal["round_robin", "sampled"] = Field(
+        "round_robin", description="How a group's G budgets are drawn from the budget set."
+    )
+    tasks_per_batch: int = Field(8, ge=1, description="Tasks expanded into one vLLM generate call.")
+    max_new_tokens: int = Field(16, ge=1, description="Completion length cap.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Base seed of budget sampling and vLLM sampling.")
+    weights_poll_s: float = Field(1.0, gt=0, description="How often to check for a new weight version.")
+    vllm_kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache size on the CPU backend (GiB).")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM share of GPU memory.")
+    vllm_max_model_len: int = Field(2048, ge=64, description="Longest prompt + completion.")
+    vllm_enforce_eager: bool = Field(True, description="No CUDA graphs / compilation (required on CPU).")
+    vllm_dtype: str = Field("auto", description="Model dtype for vLLM ('auto', 'float32', 'bfloat16').")
+
+
 class Settings(StrictModel):
     """Everything a run can configure. Sections belong to the services that read them."""
 
@@ -91,3 +111,4 @@ class Settings(StrictModel):
     reward_server: RewardServerSettings = Field(
         default_factory=RewardServerSettings, description="Reward server and its clients."
     )
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Rollout workers.")
