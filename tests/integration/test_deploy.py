@@ -1,0 +1,144 @@
+"""Deployment files, checked as far as this machine allows (no Docker engine): compose, Prometheus, Grafana."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from services.telemetry import Telemetry
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+ENV_FOR_COMPOSE = {"REDIS_PASSWORD": "x", "REWARD_TOKEN": "y", "GRAFANA_ADMIN_PASSWORD": "z"}
+
+
+def run_compose_config(*files: str) -> dict:
+    """`docker-compose config` on the given files, with the .env.example variables set."""
+    env_example = dict(
+        line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    result = subprocess.run(
+        ["docker-compose", *[arg for file in files for arg in ("-f", file)], "config"],
+        cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env_example},
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML loader that understands Compose's `!reset` tag (drop the base file's value)."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: "__RESET__")
+
+
+def interpolate(node, env: dict[str, str]):
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} substitution, then its cast of numeric strings."""
+    if isinstance(node, dict):
+        return {key: interpolate(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [interpolate(value, env) for value in node]
+    if isinstance(node, str):
+        def substitute(match: re.Match) -> str:
+            name, operator, default = match.group(1), match.group(2), match.group(3) or ""
+            if name in env:
+                return env[name]
+            assert operator != ":?", f"${{{name}}} is required: {default}"
+            return default
+
+        text = re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", substitute, node)
+        return int(text) if text.isdigit() and text != node else text
+    return node
+
+
+def merge_compose(base: dict, override: dict) -> dict:
+    """Compose's merge: mappings merge key by key, `!reset` removes, other values replace."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value == "__RESET__":
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_compose(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by make setup")
+def test_compose_file_is_valid_and_complete() -> None:
+    config = run_compose_config("docker-compose.yml")
+    services = config["services"]
+    assert {"redis", "ray-head", "learner-job", "rollout-worker", "reward-server", "prometheus", "grafana"} <= set(
+        services
+    )
+    assert "--requirepass" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
+    gpu = services["rollout-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    for name in ("reward-server", "rollout-worker", "ray-head"):
+        assert services[name]["environment"]["SF_REDIS__PASSWORD"] == "change-me-to-a-long-random-string"
+
+
+def test_cpu_override_drops_gpu_reservations_and_stays_valid() -> None:
+    base = yaml.load((REPO / "docker-compose.yml").read_text(), Loader=ComposeLoader)
+    override = yaml.load((REPO / "docker-compose.cpu.yml").read_text(), Loader=ComposeLoader)
+    merged = interpolate(merge_compose(base, override), ENV_FOR_COMPOSE)
+    jsonschema.validate(merged, json.loads(COMPOSE_SCHEMA.read_text()))
+    for name in ("rollout-worker", "ray-head"):
+        assert "devices" not in merged["services"][name]["deploy"]["resources"]["reservations"]
+        assert merged["services"][name]["image"] == "sparsity-forcing:cpu"
+        assert merged["services"][name]["build"]["args"]["FLAVOR"] == "cpu"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_installs_through_the_same_setup_script_as_make() -> None:
+    dockerfile = (REPO / "deploy/docker/Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^\s+bash scripts/setup\.sh$", makefile, re.MULTILINE)
+    install_lines = [
+        line for line in dockerfile.splitlines() if not line.startswith("#") and re.search(r"pip |setup\.sh", line)
+    ]
+    assert install_lines and all("bash scripts/setup.sh" in line for line in install_lines), install_lines
+    assert re.search(r"^USER sf$", dockerfile, re.MULTILINE), "containers must run as non-root"
+    assert "REDIS_PASSWORD" not in dockerfile and "TOKEN" not in dockerfile, "no secrets baked in"
+
+
+def exported_sample_names(exposition: str) -> set[str]:
+    """Every sample name a Prometheus text exposition can produce, from its # TYPE lines."""
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE):
+        names.add(name)
+        if kind == "counter":
+            names.add(name + "_total" if not name.endswith("_total") else name)
+        if kind == "histogram":
+            names.update({name + "_bucket", name + "_sum", name + "_count"})
+    return names
+
+
+def test_every_dashboard_query_names_an_exported_metric() -> None:
+    telemetry = Telemetry("deploy-test")
+    for group in ("queue", "rollout", "reward_server", "learner", "weights"):
+        getattr(telemetry, group)
+    exported = exported_sample_names(telemetry.exposition().decode())
+    dashboards = sorted((REPO / "deploy/grafana/dashboards").glob("*.json"))
+    assert len(dashboards) >= 2
+    for path in dashboards:
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                for metric in re.findall(r"\bsf_[a-z0-9_]+", target["expr"]):
+                    assert metric in exported, f"{path.name} panel {panel['title']!r} uses unknown {metric}"
