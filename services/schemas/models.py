@@ -74,6 +74,16 @@ class TaskMessage(WireModel):
     enqueued_at: float = Field(default_factory=time.time)
 
 
+class RolloutRequest(WireModel):
+    """One rollout to generate: a task under one budget, as the i-th member of a GRPO group."""
+
+    task: Task
+    dataset_root: str = Field(description="Folder the task's image path is relative to.")
+    budget: Budget
+    group_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    rollout_index: int = Field(ge=0)
+    seed: int | None = Field(None, description="Sampling seed, so a replayed rollout can be reproduced.")
+
 class RolloutTimings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -12,6 +12,7 @@ from services.schemas import (
     DecodeError,
     RewardBreakdown,
     Rollout,
+    RolloutRequest,
     ScoreItem,
     Task,
     TaskMessage,
@@ -48,6 +49,8 @@ def test_every_wire_model_round_trips(codec: str) -> None:
     models = [
         TaskMessage(task=TASK, dataset_root="/data"),
         make_rollout(),
+        RolloutRequest(task=TASK, dataset_root="/d", budget=Budget(kind="mass_threshold", value=0.95),
+                       group_id="g1", rollout_index=2, seed=7),
         make_group([make_rollout(), make_rollout(rollout_index=1)]),
         WeightVersion(version=3, uri="/tmp/w", sha256="a" * 64, num_bytes=10),
         ScoreItem(completion_text="x", answer="y", answer_type="exact", visual_tokens_kept=1, visual_tokens_total=2),
