@@ -1,0 +1,64 @@
+"""The combined reward r = w_acc*acc + lambda*eff*[correct] + mu*format, with every component kept."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reward_server.rewards.checkers import InvalidReferenceError, check_answer
+from reward_server.rewards.efficiency import efficiency_reward
+from reward_server.rewards.formats import FormatPatternError, format_reward
+from services.schemas.models import MAX_ANSWER_CHARS, RewardBreakdown, ScoreItem
+from services.settings.models import RewardSettings
+
+
+class ItemError(ValueError):
+    """One item of a batch cannot be scored; `index` and `field` say which and where."""
+
+    def __init__(self, index: int, field: str, message: str) -> None:
+        super().__init__(f"items.{index}.{field}: {message}")
+        self.index = index
+        self.field = field
+        self.message = message
+
+
+def combine_reward(correct: bool, efficiency: float, format_score: float, weights: RewardSettings) -> float:
+    """Total reward; a wrong answer earns no efficiency reward, so pruning never pays for being wrong."""
+    accuracy = 1.0 if correct else 0.0
+    return (
+        weights.accuracy_weight * accuracy
+        + weights.efficiency_weight * efficiency * accuracy
+        + weights.format_weight * format_score
+    )
+
+
+def score_item(item: ScoreItem, weights: RewardSettings) -> RewardBreakdown:
+    """Score one rollout: check the answer, measure its reduction ratio and format, and combine them."""
+    check = check_answer(
+        item.completion_text, item.answer, item.answer_type, item.choices,
+        weights.number_rel_tolerance, weights.number_abs_tolerance,
+    )
+    efficiency = efficiency_reward(item.visual_tokens_kept, item.visual_tokens_total)
+    format_score = format_reward(item.completion_text, item.required_format, weights.format_timeout_s)
+    return RewardBreakdown(
+        correct=check.correct,
+        accuracy=1.0 if check.correct else 0.0,
+        efficiency=efficiency,
+        format=format_score,
+        total=combine_reward(check.correct, efficiency, format_score, weights),
+        parsed_answer=None if check.parsed_answer is None else check.parsed_answer[:MAX_ANSWER_CHARS],
+    )
+
+
+def score_items(items: Sequence[ScoreItem], weights: RewardSettings) -> list[RewardBreakdown]:
+    """Score a batch in order; raise ItemError naming the first item and field that cannot be scored."""
+    results = []
+    for index, item in enumerate(items):
+        try:
+            results.append(score_item(item, weights))
+        except InvalidReferenceError as error:
+            raise ItemError(index, error.field, str(error)) from error
+        except FormatPatternError as error:
+            raise ItemError(index, "required_format", str(error)) from error
+        except ValueError as error:  # impossible token counts reach here only if validation was bypassed
+            raise ItemError(index, "visual_tokens_kept", str(error)) from error
+    return results

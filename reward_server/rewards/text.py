@@ -1,0 +1,83 @@
+"""Text normalization and answer-span extraction shared by the answer checkers."""
+
+from __future__ import annotations
+
+import string
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import regex
+
+SpanSource = Literal["tag", "boxed", "marker", "last_line"]
+
+# SQuAD-style normalization (Rajpurkar et al. 2016): case, punctuation, articles, whitespace.
+_APOSTROPHES = regex.compile(r"['\u2019`]")
+_PUNCT_OR_SYMBOL = regex.compile(r"[\p{P}\p{S}]+")
+_ARTICLES = frozenset({"a", "an", "the"})
+# ASCII punctuation and symbols (string.punctuation = ASCII \p{P} and \p{S}) become spaces; apostrophes vanish.
+_ASCII_PUNCTUATION = str.maketrans({**{char: " " for char in string.punctuation}, "'": None, "`": None})
+
+# Where a completion states its answer, most explicit first; the last occurrence of each wins.
+_ANSWER_TAG = regex.compile(r"<answer>(.*?)</answer>", regex.S | regex.I)
+_BOXED = regex.compile(r"\\boxed\{([^{}]*)\}")
+_MARKER = regex.compile(r"\banswer\s*(?:is|:|=)\s*:?[ \t]*([^\n]*)", regex.I)
+# A marker span ends at the first sentence end, so "The answer is B. Red is..." reads "B".
+_SENTENCE_END = regex.compile(r"[.!?;](?:\s|$)|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerSpan:
+    """The part of a completion that states the answer, and how it was found."""
+
+    text: str
+    source: SpanSource
+
+
+_CACHED_MAX_CHARS = 256  # references, choices and short answers repeat across a GRPO group; long text doesn't
+
+
+def normalize_text(text: str) -> str:
+    """Casefold, turn punctuation/symbols into spaces, drop articles (a/an/the), collapse whitespace."""
+    return _normalize_cached(text) if len(text) <= _CACHED_MAX_CHARS else _normalize(text)
+
+
+@lru_cache(maxsize=16_384)
+def _normalize_cached(text: str) -> str:
+    return _normalize(text)
+
+
+def _normalize(text: str) -> str:
+    if text.isascii():  # the common case, an order of magnitude faster than the Unicode path
+        text = text.lower().translate(_ASCII_PUNCTUATION)
+    else:
+        text = unicodedata.normalize("NFKC", text).casefold()
+        text = _APOSTROPHES.sub("", text)
+        text = _PUNCT_OR_SYMBOL.sub(" ", text)
+    words = text.split()
+    # An answer that is only an article ("A", the letter) keeps it rather than vanishing.
+    return " ".join([word for word in words if word not in _ARTICLES] or words)
+
+
+def _last_match(pattern: regex.Pattern, text: str) -> str | None:
+    last = None
+    for match in pattern.finditer(text):
+        last = match
+    return None if last is None else last.group(1)
+
+
+def extract_answer_span(completion: str) -> AnswerSpan:
+    """The answer part of a completion: <answer> tag, then \\boxed{}, then 'answer is/:', then the last line."""
+    tagged = _last_match(_ANSWER_TAG, completion)
+    if tagged is not None:
+        return AnswerSpan(tagged.strip(), "tag")
+    boxed = _last_match(_BOXED, completion)
+    if boxed is not None:
+        return AnswerSpan(boxed.strip(), "boxed")
+    marked = _last_match(_MARKER, completion)
+    if marked is not None and marked.strip():
+        end = _SENTENCE_END.search(marked)
+        return AnswerSpan((marked if end is None else marked[: end.start()]).strip(), "marker")
+    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
+    return AnswerSpan(lines[-1] if lines else "", "last_line")
