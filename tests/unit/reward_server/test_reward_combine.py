@@ -1,0 +1,86 @@
+"""Efficiency, format and combined rewards, and batch scoring with per-item errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reward_server.rewards import (
+    FormatPatternError,
+    ItemError,
+    combine_reward,
+    efficiency_reward,
+    format_reward,
+    score_item,
+    score_items,
+)
+from services.schemas.models import AnswerType, ScoreItem
+from services.settings.models import RewardSettings
+
+
+@given(st.integers(min_value=1, max_value=10**6), st.data())
+def test_efficiency_is_the_reduction_ratio_in_unit_interval(total: int, data: st.DataObject) -> None:
+    kept = data.draw(st.integers(min_value=0, max_value=total))
+    value = efficiency_reward(kept, total)
+    assert 0.0 <= value <= 1.0
+    assert value == pytest.approx(1 - kept / total)
+
+
+@pytest.mark.parametrize(("kept", "total"), [(5, 4), (-1, 4), (0, 0), (math.nan, 4), (1, math.nan)])
+def test_efficiency_refuses_impossible_counts(kept: float, total: float) -> None:
+    with pytest.raises(ValueError, match="kept="):
+        efficiency_reward(kept, total)  # type: ignore[arg-type]
+
+
+@given(st.booleans(), st.floats(0, 1), st.floats(0, 1), st.floats(0, 5), st.floats(0, 5), st.floats(0, 5))
+def test_combined_reward_formula(correct: bool, efficiency: float, fmt: float, w_acc: float, lam: float,
+                                 mu: float) -> None:
+    weights = RewardSettings(accuracy_weight=w_acc, efficiency_weight=lam, format_weight=mu)
+    total = combine_reward(correct, efficiency, fmt, weights)
+    expected = w_acc * correct + lam * efficiency * correct + mu * fmt
+    assert total == pytest.approx(expected)
+    if not correct:
+        assert total == pytest.approx(mu * fmt)  # a wrong answer earns no efficiency reward
+
+
+def test_format_reward() -> None:
+    pattern = r"^<think>.*</think>\s*<answer>.*</answer>$"
+    assert format_reward("<think>hm</think> <answer>B</answer>", pattern, 0.05) == 1.0
+    assert format_reward("B", pattern, 0.05) == 0.0
+    assert format_reward("anything", None, 0.05) == 0.0
+    with pytest.raises(FormatPatternError, match="not a valid regular expression"):
+        format_reward("x", "(unclosed", 0.05)
+
+
+def test_catastrophic_format_pattern_times_out() -> None:
+    with pytest.raises(FormatPatternError, match="ran longer than"):
+        format_reward("x" * 5000, r"(x+x+)+y", 0.01)
+
+
+def _item(**overrides: object) -> ScoreItem:
+    fields = dict(completion_text="The answer is B.", answer="B", answer_type=AnswerType.CHOICE,
+                  choices=["red", "blue"], visual_tokens_kept=16, visual_tokens_total=64)
+    return ScoreItem(**{**fields, **overrides})
+
+
+def test_score_item_returns_every_component() -> None:
+    weights = RewardSettings(efficiency_weight=0.5, format_weight=0.2)
+    result = score_item(_item(required_format=r"answer is [A-Z]"), weights)
+    assert (result.correct, result.accuracy, result.efficiency, result.format) == (True, 1.0, 0.75, 1.0)
+    assert result.total == pytest.approx(1.0 + 0.5 * 0.75 + 0.2)
+    assert result.parsed_answer == "B"
+    wrong = score_item(_item(completion_text="A"), weights)
+    assert (wrong.correct, wrong.efficiency, wrong.total) == (False, 0.75, 0.0)
+
+
+def test_score_items_names_the_failing_item_and_field() -> None:
+    items = [_item(), _item(answer="Z"), _item()]
+    with pytest.raises(ItemError) as raised:
+        score_items(items, RewardSettings())
+    assert (raised.value.index, raised.value.field) == (1, "answer")
+    with pytest.raises(ItemError) as raised:
+        score_items([_item(required_format="(")], RewardSettings())
+    assert (raised.value.index, raised.value.field) == (0, "required_format")
