@@ -126,18 +126,19 @@ def decoder_logits(
     return model.lm_head(hidden)
 
 
-def pruned_completion_logprobs(
+def pruned_completion_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     image_grid_thw: torch.Tensor,
     kept_indices: Sequence[int],
     completion_length: int,
-) -> torch.Tensor:
-    """Log-probs of the last ``completion_length`` tokens of prompt+completion, with only kept visual tokens.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each of the last ``completion_length`` tokens, with only kept visual tokens.
 
     input_ids: (1, L) prompt then completion; its image placeholders may number N (unpruned) or
-    len(kept_indices) (as vLLM saw the prompt). Returns (completion_length,) float32, differentiable.
+    len(kept_indices) (as vLLM saw the prompt). Returns logits (completion_length, V) float32 and the
+    completion ids (completion_length,).
     """
     if completion_length < 1 or completion_length >= input_ids.shape[1]:
         raise ValueError(
@@ -154,9 +155,26 @@ def pruned_completion_logprobs(
     sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw)
     inputs_embeds, position_ids, _ = prune_sequence(sequence, kept_indices)
     logits = decoder_logits(model, inputs_embeds, position_ids).float()
-    completion_ids = full_ids[0, -completion_length:]
-    # The token at pruned row j is predicted by the logits at row j-1; the completion is text, so its
-    # rows sit at the end of the pruned sequence too.
-    predicting = logits[0, -completion_length - 1 : -1]
-    logprobs = torch.log_softmax(predicting, dim=-1)
+    # The token at pruned row j is predicted by row j-1; the completion is text after the image, so it
+    # is the tail of the pruned sequence as well.
+    return logits[0, -completion_length - 1 : -1], full_ids[0, -completion_length:]
+
+
+def pruned_completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    kept_indices: Sequence[int],
+    completion_length: int,
+) -> torch.Tensor:
+    """Log-probs of the last ``completion_length`` tokens of prompt+completion, with only kept visual tokens.
+
+    Same inputs as ``pruned_completion_logits``. Returns (completion_length,) float32, differentiable
+    into the LLM, the merger and the vision tower.
+    """
+    logits, completion_ids = pruned_completion_logits(
+        model, input_ids, pixel_values, image_grid_thw, kept_indices, completion_length
+    )
+    logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)

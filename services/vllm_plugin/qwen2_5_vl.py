@@ -108,8 +108,8 @@ class PrunableQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         processed = super()._apply_hf_processor_main(mm_items, _without_plugin_kwargs(hf_kwargs))
         image_grid_thw = processed.get("image_grid_thw")
         if image_grid_thw is None:
-            if kept_indices is not None:
-                raise KeepSetError(f"{KEPT_INDICES_KWARG} was given for a request without an image")
+            # No image to process: a text-only request, or every image came from the processor cache
+            # (whose entries already hold their masks, keyed by a hash that includes the keep set).
             return processed
         processed[KEEP_MASK_FIELD] = image_keep_masks(
             image_grid_thw, self._merge_size(), kept_indices, visual_tokens_total

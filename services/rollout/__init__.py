@@ -1,0 +1,1 @@
+"""Rollouts on pruned visual tokens: score, select per budget, generate in vLLM (``pruned``)."""
