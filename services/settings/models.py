@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from services.schemas.models import Budget
+
 
 class StrictModel(BaseModel):
     """A settings section that refuses unknown keys, so a typo fails loudly."""
@@ -101,6 +103,24 @@ class RolloutSettings(StrictModel):
     vllm_dtype: str = Field("auto", description="Model dtype for vLLM ('auto', 'float32', 'bfloat16').")
 
 
+def paper_budgets() -> list[Budget]:
+    """The paper's eight mass thresholds, tau = 0.94, 0.945, ..., 0.975 (one per rollout of a group)."""
+    return [Budget(kind="mass_threshold", value=round(0.94 + 0.005 * step, 3)) for step in range(8)]
+
+
+class SparsitySettings(StrictModel):
+    scorer: Literal["text_attention", "feature_norm"] = Field(
+        "text_attention", description="Visual-token scorer (services.sparsity.scorers.SCORERS)."
+    )
+    scorer_layer: int = Field(2, ge=0, description="Decoder layer K whose text-to-image attention scores tokens.")
+    budgets: list[Budget] = Field(
+        default_factory=paper_budgets, min_length=1, description="Budget set a rollout group draws from."
+    )
+    inference_budget: Budget = Field(
+        Budget(kind="mass_threshold", value=0.975), description="Budget of evaluation and serving."
+    )
+
+
 class Settings(StrictModel):
     """Everything a run can configure. Sections belong to the services that read them."""
 
@@ -112,3 +132,4 @@ class Settings(StrictModel):
         default_factory=RewardServerSettings, description="Reward server and its clients."
     )
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Rollout workers.")
+    sparsity: SparsitySettings = Field(default_factory=SparsitySettings, description="Token pruning.")

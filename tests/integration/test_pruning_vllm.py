@@ -42,7 +42,7 @@ QUESTIONS = (
 )
 # Two shapes, one of them not square, so a (h, w) mix-up in the positions cannot hide.
 SIZES = ((224, 224), (196, 308))
-ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=1024, seed=0, limit_mm_per_prompt={"image": 1})
+ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024, "seed": 0, "limit_mm_per_prompt": {"image": 1}}
 
 STOCK_SCRIPT = """
 import json, sys
