@@ -24,18 +24,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import print_table, save_results  # noqa: E402
-from support import free_port, wait_for_port  # noqa: E402
+from common import print_table, save_results
+from support import free_port, wait_for_port
 
-from services.schemas.models import AnswerType, ScoreItem, ScoreRequest  # noqa: E402
+from services.schemas.models import AnswerType, ScoreItem, ScoreRequest
 
 GOAL_ITEMS_PER_S = 5_000
 GOAL_P99_MS = 50.0
 
 _EXAMPLES = [
-    ("Looking at the canvas, the shape is blue.\nThe answer is (B) blue square.", "B", AnswerType.CHOICE,
-     ["red circle", "blue square", "green triangle", "yellow star"]),
-    ("I count the digits in the grid. There are seven of them. The answer is 7.", "7", AnswerType.NUMBER, None),
+    (
+        "Looking at the canvas, the shape is blue.\nThe answer is (B) blue square.",
+        "B",
+        AnswerType.CHOICE,
+        ["red circle", "blue square", "green triangle", "yellow star"],
+    ),
+    (
+        "I count the digits in the grid. There are seven of them. The answer is 7.",
+        "7",
+        AnswerType.NUMBER,
+        None,
+    ),
     ("Yes, there is a red circle in the top-left corner.", "yes", AnswerType.YES_NO, None),
     ("<answer>green</answer>", "Green", AnswerType.EXACT, None),
 ]
@@ -46,10 +55,16 @@ def make_batch(size: int) -> bytes:
     items = []
     for index in range(size):
         text, answer, answer_type, choices = _EXAMPLES[index % len(_EXAMPLES)]
-        items.append(ScoreItem(
-            completion_text=text, answer=answer, answer_type=answer_type, choices=choices,
-            visual_tokens_kept=16 + index % 240, visual_tokens_total=256,
-        ))
+        items.append(
+            ScoreItem(
+                completion_text=text,
+                answer=answer,
+                answer_type=answer_type,
+                choices=choices,
+                visual_tokens_kept=16 + index % 240,
+                visual_tokens_total=256,
+            )
+        )
     return ScoreRequest(items=items).model_dump_json().encode()
 
 
@@ -70,16 +85,23 @@ async def measure(url: str, token: str, batch: int, clients: int, seconds: float
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as http:
         warm: list[float] = []
-        await asyncio.gather(*(client_loop(http, body, time.perf_counter() + 0.5, warm) for _ in range(clients)))
+        await asyncio.gather(
+            *(client_loop(http, body, time.perf_counter() + 0.5, warm) for _ in range(clients))
+        )
         latencies: list[float] = []
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(http, body, started + seconds, latencies) for _ in range(clients)))
         elapsed = time.perf_counter() - started
     lat_ms = np.array(latencies) * 1e3
     return {
-        "batch": batch, "clients": clients, "requests": len(latencies), "seconds": round(elapsed, 3),
-        "items_per_s": len(latencies) * batch / elapsed, "requests_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
+        "batch": batch,
+        "clients": clients,
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "items_per_s": len(latencies) * batch / elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
         "max_ms": float(lat_ms.max()),
     }
 
@@ -88,9 +110,19 @@ def start_server(port: int, token: str) -> subprocess.Popen:
     """A real reward server on loopback, as deploy runs it (1 uvicorn worker, auth on)."""
     env = {**os.environ, "SF_REWARD_SERVER__AUTH_TOKEN": token}
     process = subprocess.Popen(
-        [sys.executable, "-m", "reward_server", "--set", f"reward_server.port={port}",
-         "--set", "reward_server.host=127.0.0.1", "--set", "telemetry.log_level=WARNING"],
-        cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "reward_server",
+            "--set",
+            f"reward_server.port={port}",
+            "--set",
+            "reward_server.host=127.0.0.1",
+            "--set",
+            "telemetry.log_level=WARNING",
+        ],
+        cwd=ROOT,
+        env=env,
     )
     wait_for_port(port, timeout_s=60)
     return process
@@ -98,7 +130,9 @@ def start_server(port: int, token: str) -> subprocess.Popen:
 
 def main() -> None:
     """Measure each batch size, print the table and write bench/results/reward_server.json."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1 s per case instead of 5 s")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (connections)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
@@ -107,27 +141,51 @@ def main() -> None:
     port, token = free_port(), secrets.token_urlsafe(24)
     server = start_server(port, token)
     try:
-        rows = [asyncio.run(measure(f"http://127.0.0.1:{port}", token, batch, args.clients, seconds))
-                for batch in tqdm(args.batches, desc="batch sizes")]
+        rows = [
+            asyncio.run(measure(f"http://127.0.0.1:{port}", token, batch, args.clients, seconds))
+            for batch in tqdm(args.batches, desc="batch sizes")
+        ]
     finally:
         server.terminate()
         server.wait(timeout=10)
     print_table(
         f"reward server, {args.clients} concurrent clients, {seconds:g} s per case (1 uvicorn worker)",
         ["batch", "clients", "requests", "items/s", "requests/s", "p50 ms", "p99 ms", "max ms"],
-        [[r["batch"], r["clients"], r["requests"], r["items_per_s"], r["requests_per_s"], r["p50_ms"],
-          r["p99_ms"], r["max_ms"]] for r in rows],
+        [
+            [
+                r["batch"],
+                r["clients"],
+                r["requests"],
+                r["items_per_s"],
+                r["requests_per_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+            ]
+            for r in rows
+        ],
     )
     at_64 = next((r for r in rows if r["batch"] == 64), None)
     goal = None
     if at_64 is not None:
-        goal = {"items_per_s_at_64": GOAL_ITEMS_PER_S, "p99_ms_at_64": GOAL_P99_MS,
-                "met": at_64["items_per_s"] >= GOAL_ITEMS_PER_S and at_64["p99_ms"] < GOAL_P99_MS}
-        print(f"goal at batch 64: >= {GOAL_ITEMS_PER_S} items/s and p99 < {GOAL_P99_MS} ms -> "
-              f"{'met' if goal['met'] else 'NOT met'}")
-    path = save_results("reward_server", {
-        "load_average_1m": os.getloadavg()[0], "seconds_per_case": seconds, "rows": rows, "goal": goal,
-    })
+        goal = {
+            "items_per_s_at_64": GOAL_ITEMS_PER_S,
+            "p99_ms_at_64": GOAL_P99_MS,
+            "met": at_64["items_per_s"] >= GOAL_ITEMS_PER_S and at_64["p99_ms"] < GOAL_P99_MS,
+        }
+        print(
+            f"goal at batch 64: >= {GOAL_ITEMS_PER_S} items/s and p99 < {GOAL_P99_MS} ms -> "
+            f"{'met' if goal['met'] else 'NOT met'}"
+        )
+    path = save_results(
+        "reward_server",
+        {
+            "load_average_1m": os.getloadavg()[0],
+            "seconds_per_case": seconds,
+            "rows": rows,
+            "goal": goal,
+        },
+    )
     print(f"wrote {path}")
 
 

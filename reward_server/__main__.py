@@ -16,9 +16,11 @@ def refuse_reason(settings: Settings) -> str | None:
     """Why the server must not start with these settings, or None when it may."""
     server = settings.reward_server
     if server.auth_required and (server.auth_token is None or not server.auth_token.get_secret_value()):
-        return ("reward_server.auth_required is true but reward_server.auth_token is empty: set "
-                "SF_REWARD_SERVER__AUTH_TOKEN (or --set reward_server.auth_token=...), or turn auth off for a "
-                "local demo with --set reward_server.auth_required=false")
+        return (
+            "reward_server.auth_required is true but reward_server.auth_token is empty: set "
+            "SF_REWARD_SERVER__AUTH_TOKEN (or --set reward_server.auth_token=...), or turn auth off for a "
+            "local demo with --set reward_server.auth_required=false"
+        )
     return None
 
 
@@ -41,8 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(server, Telemetry("reward_server"))
     log.info("starting", extra={"host": server.host, "port": server.port, "auth": server.auth_required})
     # One worker: scoring is CPU-light and the metrics registry lives in this process.
-    uvicorn.run(app, host=server.host, port=server.port, workers=1, access_log=False,
-                log_level=settings.telemetry.log_level.lower(), log_config=None, server_header=False)
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        workers=1,
+        access_log=False,
+        log_level=settings.telemetry.log_level.lower(),
+        log_config=None,
+        server_header=False,
+    )
     return 0
 
 

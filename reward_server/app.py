@@ -1,10 +1,10 @@
-"""The reward server's HTTP edge: parse and check a batch, call the pure reward functions, return components."""
+"""The reward server's HTTP edge: parse and check a batch, call the pure reward functions, return them."""
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request, Security
 from fastapi.openapi.utils import get_openapi
@@ -36,6 +36,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Stateless (reads the Authorization header); checking the token is check_token's job, per app settings.
+BearerCredentials = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Security(HTTPBearer(auto_error=False, description="Token from reward_server.auth_token.")),
+]
+
+
 class Health(BaseModel):
     """Liveness / readiness answer."""
 
@@ -47,14 +54,22 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds max_bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, "body_too_large", f"body: {declared} bytes exceeds the limit of {max_bytes} bytes",
-                       [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")])
+        raise ApiError(
+            413,
+            "body_too_large",
+            f"body: {declared} bytes exceeds the limit of {max_bytes} bytes",
+            [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")],
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise ApiError(413, "body_too_large", f"body: more than {max_bytes} bytes",
-                           [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")])
+            raise ApiError(
+                413,
+                "body_too_large",
+                f"body: more than {max_bytes} bytes",
+                [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")],
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -64,17 +79,23 @@ def parse_score_request(body: bytes, max_items: int) -> ScoreRequest:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ApiError(400, "not_utf8", f"body: not valid UTF-8 (byte 0x{body[error.start]:02x} at offset "
-                       f"{error.start})", [FieldError(field="body", message="not UTF-8", kind="not_utf8")]
-                       ) from error
+        raise ApiError(
+            400,
+            "not_utf8",
+            f"body: not valid UTF-8 (byte 0x{body[error.start]:02x} at offset {error.start})",
+            [FieldError(field="body", message="not UTF-8", kind="not_utf8")],
+        ) from error
     try:
         request = ScoreRequest.model_validate_json(text)
     except ValidationError as error:
         raise from_validation_error(error) from error
     if len(request.items) > max_items:
-        raise ApiError(413, "batch_too_large", f"items: {len(request.items)} items exceeds max_batch_items="
-                       f"{max_items}; split the batch", [FieldError(field="items", message="too many items",
-                                                                     kind="too_long")])
+        raise ApiError(
+            413,
+            "batch_too_large",
+            f"items: {len(request.items)} items exceeds max_batch_items={max_items}; split the batch",
+            [FieldError(field="items", message="too many items", kind="too_long")],
+        )
     return request
 
 
@@ -86,9 +107,13 @@ def check_token(credentials: HTTPAuthorizationCredentials | None, settings: Rewa
     given = credentials.credentials.encode() if credentials is not None else b""
     if not expected or not hmac.compare_digest(given, expected):
         reason = "missing" if credentials is None else "wrong"
-        raise ApiError(401, "unauthorized", f"Authorization: {reason} bearer token",
-                       [FieldError(field="Authorization", message=f"{reason} bearer token", kind=reason)],
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"Authorization: {reason} bearer token",
+            [FieldError(field="Authorization", message=f"{reason} bearer token", kind=reason)],
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def observe_rewards(metrics: RewardServerMetrics, results: list[RewardBreakdown]) -> None:
@@ -106,8 +131,9 @@ def observe_rewards(metrics: RewardServerMetrics, results: list[RewardBreakdown]
 def _openapi_with_request_body(app: FastAPI, max_items: int) -> dict[str, Any]:
     """OpenAPI document with ScoreRequest as /v1/score's body: the handler parses the body itself."""
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         request_schema = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request_schema.pop("$defs", {}))
@@ -122,17 +148,28 @@ def create_app(settings: RewardServerSettings, telemetry: Telemetry) -> FastAPI:
     metrics = telemetry.reward_server
     weights = settings.rewards
     inflight = InflightCounter(limit=settings.max_inflight_requests)
-    bearer = HTTPBearer(auto_error=False, description="Token from reward_server.auth_token.")
-    app = FastAPI(title="Sparsity Forcing reward server", version=str(SCHEMA_VERSION),
-                  description="Scores rollouts: correctness, visual-token savings and format, per component.")
-    app.add_middleware(LoadSheddingGate, path=SCORE_PATH, counter=inflight,
-                       retry_after_s=settings.shed_retry_after_s, metrics=metrics)
+    app = FastAPI(
+        title="Sparsity Forcing reward server",
+        version=str(SCHEMA_VERSION),
+        description="Scores rollouts: correctness, visual-token savings and format, per component.",
+    )
+    app.add_middleware(
+        LoadSheddingGate,
+        path=SCORE_PATH,
+        counter=inflight,
+        retry_after_s=settings.shed_retry_after_s,
+        metrics=metrics,
+    )
 
     @app.exception_handler(ApiError)
     async def _refuse(_request: Request, error: ApiError) -> Response:
         metrics.errors.labels(error.kind).inc()
-        return Response(error.body().model_dump_json(), status_code=error.status, headers=error.headers,
-                        media_type="application/json")
+        return Response(
+            error.body().model_dump_json(),
+            status_code=error.status,
+            headers=error.headers,
+            media_type="application/json",
+        )
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, error: Exception) -> Response:
@@ -140,20 +177,36 @@ def create_app(settings: RewardServerSettings, telemetry: Telemetry) -> FastAPI:
         _log.exception("unhandled error while scoring", extra={"error": type(error).__name__})
         return JSONResponse({"detail": f"internal error: {type(error).__name__}", "errors": []}, 500)
 
-    @app.post(SCORE_PATH, response_model=ScoreResponse, responses=_ERROR_RESPONSES, openapi_extra={
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
-    async def score(request: Request,
-                    credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
+    @app.post(
+        SCORE_PATH,
+        response_model=ScoreResponse,
+        responses=_ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+            }
+        },
+    )
+    async def score(request: Request, credentials: BearerCredentials) -> Response:
         """Score a batch of rollouts; every result carries each reward component and the total."""
         check_token(credentials, settings)
-        batch = parse_score_request(await read_body(request, settings.max_body_bytes), settings.max_batch_items)
+        batch = parse_score_request(
+            await read_body(request, settings.max_body_bytes), settings.max_batch_items
+        )
         try:
             results = score_items(batch.items, weights)
         except ItemError as error:
-            raise ApiError(422, "unscorable_item", str(error),
-                           [FieldError(field=f"items.{error.index}.{error.field}", message=error.message,
-                                       kind="unscorable")]) from error
+            raise ApiError(
+                422,
+                "unscorable_item",
+                str(error),
+                [
+                    FieldError(
+                        field=f"items.{error.index}.{error.field}", message=error.message, kind="unscorable"
+                    )
+                ],
+            ) from error
         observe_rewards(metrics, results)
         payload = ScoreResponse.model_construct(results=results, schema_version=SCHEMA_VERSION)
         return Response(payload.model_dump_json(), media_type="application/json")
@@ -168,12 +221,16 @@ def create_app(settings: RewardServerSettings, telemetry: Telemetry) -> FastAPI:
         """Readiness: 503 while the server sheds load, so balancers send work elsewhere."""
         ready = not inflight.saturated
         body = Health(status="ready" if ready else "saturated", inflight_requests=inflight.current)
-        return Response(body.model_dump_json(), status_code=200 if ready else 503, media_type="application/json")
+        return Response(
+            body.model_dump_json(), status_code=200 if ready else 503, media_type="application/json"
+        )
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
         """Prometheus exposition of this process's metrics."""
         return Response(telemetry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = lambda: _openapi_with_request_body(app, settings.max_batch_items)  # type: ignore[method-assign]
+    # The handler reads the body itself (size limit, UTF-8 check), so the schema names its model explicitly.
+    max_items = settings.max_batch_items
+    app.openapi = lambda: _openapi_with_request_body(app, max_items)  # type: ignore[method-assign]
     return app

@@ -12,6 +12,7 @@ from types import TracebackType
 
 import httpx
 from pydantic import ValidationError
+from typing_extensions import Self
 
 from services.schemas.models import RewardBreakdown, ScoreItem, ScoreRequest, ScoreResponse
 from services.settings.models import RewardServerSettings
@@ -70,7 +71,7 @@ class RewardClient:
             base_url=settings.url, headers=headers, timeout=httpx.Timeout(settings.client_timeout_s)
         )
 
-    async def __aenter__(self) -> RewardClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -97,7 +98,9 @@ class RewardClient:
             chunk = list(items[start : start + size])
             response = await self._post_with_retries(ScoreRequest(items=chunk).model_dump_json().encode())
             if len(response.results) != len(chunk):
-                raise RewardServerError(f"server returned {len(response.results)} results for {len(chunk)} items")
+                raise RewardServerError(
+                    f"server returned {len(response.results)} results for {len(chunk)} items"
+                )
             results.extend(response.results)
         return results
 
@@ -118,11 +121,18 @@ class RewardClient:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if attempt + 1 == attempts:
                 raise RewardServerError(f"reward server failed after {attempts} attempts: {failure}", status)
-            delay = backoff_delay(attempt, self.settings.client_backoff_s, self.settings.client_backoff_cap_s,
-                                  retry_after, self._rng)
+            delay = backoff_delay(
+                attempt,
+                self.settings.client_backoff_s,
+                self.settings.client_backoff_cap_s,
+                retry_after,
+                self._rng,
+            )
             self.retries_made += 1
-            _log.warning("retrying reward request",
-                         extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "failure": failure})
+            _log.warning(
+                "retrying reward request",
+                extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "failure": failure},
+            )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 

@@ -29,7 +29,11 @@ class LoadSheddingGate:
     piling up latency; times and counts every request to the gated path by status code."""
 
     def __init__(
-        self, app: ASGIApp, path: str, counter: InflightCounter, retry_after_s: int,
+        self,
+        app: ASGIApp,
+        path: str,
+        counter: InflightCounter,
+        retry_after_s: int,
         metrics: RewardServerMetrics,
     ) -> None:
         self.app = app
@@ -68,18 +72,20 @@ class LoadSheddingGate:
     async def _shed(self, send: Send) -> None:
         self.metrics.errors.labels("overloaded").inc()
         self.metrics.requests.labels("503").inc()
-        body = json.dumps({
-            "detail": f"server busy: {self.counter.current} requests in flight (limit {self.counter.limit}); "
-                      f"retry after {self.retry_after_s}s",
-            "errors": [],
-        }).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(self.retry_after_s).encode()),
-            ],
-        })
+        detail = (
+            f"server busy: {self.counter.current} requests in flight (limit {self.counter.limit}); "
+            f"retry after {self.retry_after_s}s"
+        )
+        body = json.dumps({"detail": detail, "errors": []}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(self.retry_after_s).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -102,7 +102,7 @@ def _candidate_texts(completion: str, span: AnswerSpan) -> list[str]:
 
 
 def check_yes_no(completion: str, reference: str) -> CheckResult:
-    """Correct when the completion answers with the reference's polarity (yes/true vs no/false), unambiguously."""
+    """Correct when the completion answers with the reference's polarity (yes/true vs no/false)."""
     expected = _POLARITY.get(normalize_text(reference))
     if expected is None:
         raise InvalidReferenceError("answer", f"{reference!r} is not a yes/no answer (yes, no, true, false)")
@@ -122,7 +122,9 @@ def _choice_mentioned(text: str, normalized_choices: Sequence[str]) -> int | Non
     """The one choice whose text appears in text as whole words (a longer choice hides those it contains)."""
     padded = f" {text} "
     found = [index for index, choice in enumerate(normalized_choices) if choice and f" {choice} " in padded]
-    kept = [i for i in found if not any(j != i and normalized_choices[i] in normalized_choices[j] for j in found)]
+    kept = [
+        i for i in found if not any(j != i and normalized_choices[i] in normalized_choices[j] for j in found)
+    ]
     return kept[0] if len(kept) == 1 else None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from reward_server.rewards.checkers import InvalidReferenceError, check_answer
-from reward_server.rewards.efficiency import efficiency_reward
+from reward_server.rewards.efficiency import TokenCountError, efficiency_reward
 from reward_server.rewards.formats import FormatPatternError, format_reward
 from services.schemas.models import MAX_ANSWER_CHARS, RewardBreakdown, ScoreItem
 from services.settings.models import RewardSettings
@@ -34,8 +34,12 @@ def combine_reward(correct: bool, efficiency: float, format_score: float, weight
 def score_item(item: ScoreItem, weights: RewardSettings) -> RewardBreakdown:
     """Score one rollout: check the answer, measure its reduction ratio and format, and combine them."""
     check = check_answer(
-        item.completion_text, item.answer, item.answer_type, item.choices,
-        weights.number_rel_tolerance, weights.number_abs_tolerance,
+        item.completion_text,
+        item.answer,
+        item.answer_type,
+        item.choices,
+        weights.number_rel_tolerance,
+        weights.number_abs_tolerance,
     )
     efficiency = efficiency_reward(item.visual_tokens_kept, item.visual_tokens_total)
     format_score = format_reward(item.completion_text, item.required_format, weights.format_timeout_s)
@@ -59,6 +63,6 @@ def score_items(items: Sequence[ScoreItem], weights: RewardSettings) -> list[Rew
             raise ItemError(index, error.field, str(error)) from error
         except FormatPatternError as error:
             raise ItemError(index, "required_format", str(error)) from error
-        except ValueError as error:  # impossible token counts reach here only if validation was bypassed
+        except TokenCountError as error:  # reachable only when ScoreItem validation was bypassed
             raise ItemError(index, "visual_tokens_kept", str(error)) from error
     return results

@@ -20,7 +20,7 @@ def _compile(pattern: str) -> regex.Pattern:
 
 
 def format_reward(completion: str, required_format: str | None, timeout_s: float) -> float:
-    """1.0 when required_format (a regex, `search` semantics) matches the completion, else 0.0; 0.0 if none."""
+    """1.0 when required_format (a regex, `search` semantics) matches the completion, else 0.0."""
     if required_format is None:
         return 0.0
     pattern = _compile(required_format)

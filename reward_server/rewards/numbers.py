@@ -9,22 +9,46 @@ import regex
 _UNITS = {
     word: value
     for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen".split()
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+        ]
     )
 }
-_TENS = {word: 10 * (index + 2) for index, word in enumerate(
-    "twenty thirty forty fifty sixty seventy eighty ninety".split()
-)}
+_TENS = {
+    word: 10 * (index + 2)
+    for index, word in enumerate(
+        ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+    )
+}
 _SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _NUMBER_WORDS = set(_UNITS) | set(_TENS) | set(_SCALES)
 
+# ASCII digits only: `\d` would match digits of other scripts that float() cannot read.
 # Thousands groups only when well formed ("1,000", not "1,2"), so a list "1,2" reads as two numbers.
 _DIGITS = (
     r"(?:(?<![\w.])-)?"
-    r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:[eE][-+]?\d+)?"
-    r"(?:/\d+(?:\.\d+)?)?"
+    r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+    r"(?:[eE][-+]?[0-9]+)?"
+    r"(?:/[0-9]+(?:\.[0-9]+)?)?"
 )
 _WORD = r"(?:" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True)) + r")"
 # A run of number words, joined by spaces, hyphens or "and" ("one hundred and twenty-one").
@@ -76,7 +100,10 @@ def find_numbers(text: str) -> list[float]:
     values = []
     for match in _NUMBER.finditer(text):
         digits = match.group("digits")
-        value = _digits_value(digits) if digits is not None else words_value(match.group("words"))
+        try:
+            value = _digits_value(digits) if digits is not None else words_value(match.group("words"))
+        except ValueError:  # e.g. a Unicode look-alike that matched case-insensitively; not a number to us
+            continue
         if math.isfinite(value):
             values.append(value)
     return values

@@ -16,7 +16,7 @@ SpanSource = Literal["tag", "boxed", "marker", "last_line"]
 _APOSTROPHES = regex.compile(r"['\u2019`]")
 _PUNCT_OR_SYMBOL = regex.compile(r"[\p{P}\p{S}]+")
 _ARTICLES = frozenset({"a", "an", "the"})
-# ASCII punctuation and symbols (string.punctuation = ASCII \p{P} and \p{S}) become spaces; apostrophes vanish.
+# ASCII punctuation/symbols (string.punctuation = ASCII \p{P} and \p{S}) become spaces; apostrophes vanish.
 _ASCII_PUNCTUATION = str.maketrans({**{char: " " for char in string.punctuation}, "'": None, "`": None})
 
 # Where a completion states its answer, most explicit first; the last occurrence of each wins.
@@ -68,7 +68,7 @@ def _last_match(pattern: regex.Pattern, text: str) -> str | None:
 
 
 def extract_answer_span(completion: str) -> AnswerSpan:
-    """The answer part of a completion: <answer> tag, then \\boxed{}, then 'answer is/:', then the last line."""
+    """The answer part of a completion: <answer> tag, \\boxed{}, 'answer is/:', else the last line."""
     tagged = _last_match(_ANSWER_TAG, completion)
     if tagged is not None:
         return AnswerSpan(tagged.strip(), "tag")

@@ -45,8 +45,12 @@ class RewardServerProcess:
     def client_settings(self, **changes: object) -> RewardServerSettings:
         """RewardServerSettings that point a RewardClient at this server (with the same limits)."""
         fields: dict[str, object] = {
-            **self.limits, "url": self.url, "auth_token": SecretStr(self.token) if self.token else None,
-            "client_backoff_s": 0.05, "client_backoff_cap_s": 0.5, **changes,
+            **self.limits,
+            "url": self.url,
+            "auth_token": SecretStr(self.token) if self.token else None,
+            "client_backoff_s": 0.05,
+            "client_backoff_cap_s": 0.5,
+            **changes,
         }
         return RewardServerSettings(**fields)
 
@@ -59,8 +63,17 @@ class RewardServerProcess:
         if self.token:
             env["SF_REWARD_SERVER__AUTH_TOKEN"] = self.token  # env, not argv: keep it out of `ps`
         log = (self.workdir / f"reward_server_{self.port}.log").open("wb")
-        command = [sys.executable, "-m", "reward_server", "--set", f"reward_server.port={self.port}",
-                   "--set", "reward_server.host=127.0.0.1", "--set", "telemetry.log_level=WARNING"]
+        command = [
+            sys.executable,
+            "-m",
+            "reward_server",
+            "--set",
+            f"reward_server.port={self.port}",
+            "--set",
+            "reward_server.host=127.0.0.1",
+            "--set",
+            "telemetry.log_level=WARNING",
+        ]
         for name, value in self.limits.items():
             command += ["--set", f"reward_server.{name}={value}"]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -98,14 +111,17 @@ REWARD_SERVER_TEST_LIMITS: dict[str, object] = {"max_batch_items": 100, "max_bod
 
 
 @pytest.fixture(scope="session")
-def start_reward_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RewardServerProcess]]:
-    """Start extra reward servers with their own reward_server.* settings; auth=False runs one without a token.
+def start_reward_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RewardServerProcess]]:
+    """Start extra reward servers with their own reward_server.* settings (auth=False: no token).
     All stop at session end."""
     started: list[RewardServerProcess] = []
 
     def start(auth: bool = True, **limits: object) -> RewardServerProcess:
-        server = RewardServerProcess(tmp_path_factory.mktemp("reward_server"),
-                                     limits={**REWARD_SERVER_TEST_LIMITS, **limits})
+        server = RewardServerProcess(
+            tmp_path_factory.mktemp("reward_server"), limits={**REWARD_SERVER_TEST_LIMITS, **limits}
+        )
         if not auth:
             server.token = None
             server.limits["auth_required"] = "false"

@@ -18,24 +18,50 @@ from reward_server.client import RewardClient, RewardServerError
 from services.schemas.models import AnswerType, ScoreItem
 
 VALID_ITEMS = [
-    {"completion_text": "The answer is (B) blue square.", "answer": "B", "answer_type": "choice",
-     "choices": ["red circle", "blue square"], "visual_tokens_kept": 16, "visual_tokens_total": 64},
-    {"completion_text": "I count three.", "answer": "3", "answer_type": "number",
-     "visual_tokens_kept": 64, "visual_tokens_total": 64},
-    {"completion_text": "No.", "answer": "yes", "answer_type": "yes_no",
-     "visual_tokens_kept": 8, "visual_tokens_total": 64},
-    {"completion_text": "<answer>Red</answer>", "answer": "red", "answer_type": "exact",
-     "visual_tokens_kept": 0, "visual_tokens_total": 10, "required_format": "^<answer>.*</answer>$"},
+    {
+        "completion_text": "The answer is (B) blue square.",
+        "answer": "B",
+        "answer_type": "choice",
+        "choices": ["red circle", "blue square"],
+        "visual_tokens_kept": 16,
+        "visual_tokens_total": 64,
+    },
+    {
+        "completion_text": "I count three.",
+        "answer": "3",
+        "answer_type": "number",
+        "visual_tokens_kept": 64,
+        "visual_tokens_total": 64,
+    },
+    {
+        "completion_text": "No.",
+        "answer": "yes",
+        "answer_type": "yes_no",
+        "visual_tokens_kept": 8,
+        "visual_tokens_total": 64,
+    },
+    {
+        "completion_text": "<answer>Red</answer>",
+        "answer": "red",
+        "answer_type": "exact",
+        "visual_tokens_kept": 0,
+        "visual_tokens_total": 10,
+        "required_format": "^<answer>.*</answer>$",
+    },
 ]
 
 
-def post(server, payload: object = None, *, content: bytes | None = None,
-         headers: dict[str, str] | None = None) -> httpx.Response:
+def post(
+    server, payload: object = None, *, content: bytes | None = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """POST /v1/score with the server's token unless headers are given."""
     body = content if content is not None else json.dumps(payload).encode()
-    return httpx.post(f"{server.url}/v1/score", content=body, timeout=10,
-                      headers={"Content-Type": "application/json",
-                               **(server.auth_headers if headers is None else headers)})
+    return httpx.post(
+        f"{server.url}/v1/score",
+        content=body,
+        timeout=10,
+        headers={"Content-Type": "application/json", **(server.auth_headers if headers is None else headers)},
+    )
 
 
 def item(**changes: object) -> dict:
@@ -65,8 +91,12 @@ def test_valid_batch_returns_every_component(reward_server) -> None:
 
 
 def test_auth_is_required_and_enforced(reward_server) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {reward_server.token}"},
-                    {"Authorization": f"Bearer {reward_server.token}x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Basic {reward_server.token}"},
+        {"Authorization": f"Bearer {reward_server.token}x"},
+    ):
         response = post(reward_server, {"items": VALID_ITEMS}, headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == "Bearer"
@@ -81,38 +111,95 @@ BAD_REQUESTS = [
     ("malformed_json", b'{"items": [{"completion_text": "3",', 400, "body"),
     ("not_json_at_all", b"hello", 400, "not valid JSON"),
     ("non_utf8", b'{"items": [{"completion_text": "\xff\xfe"}]}', 400, "UTF-8"),
-    ("wrong_type_int", json.dumps({"items": [item(visual_tokens_total="many")]}).encode(), 422,
-     "items.0.visual_tokens_total"),
-    ("wrong_type_enum", json.dumps({"items": [item(answer_type="essay")]}).encode(), 422, "items.0.answer_type"),
+    (
+        "wrong_type_int",
+        json.dumps({"items": [item(visual_tokens_total="many")]}).encode(),
+        422,
+        "items.0.visual_tokens_total",
+    ),
+    (
+        "wrong_type_enum",
+        json.dumps({"items": [item(answer_type="essay")]}).encode(),
+        422,
+        "items.0.answer_type",
+    ),
     ("wrong_type_items", json.dumps({"items": "all of them"}).encode(), 422, "items"),
     ("top_level_list", json.dumps([item()]).encode(), 422, "body"),
     ("missing_items", b"{}", 422, "items"),
-    ("missing_field", json.dumps({"items": [{k: v for k, v in item().items() if k != "answer"}]}).encode(), 422,
-     "items.0.answer"),
+    (
+        "missing_field",
+        json.dumps({"items": [{k: v for k, v in item().items() if k != "answer"}]}).encode(),
+        422,
+        "items.0.answer",
+    ),
     ("empty_batch", json.dumps({"items": []}).encode(), 422, "items"),
     ("unknown_field", json.dumps({"items": [item(reward=1.0)]}).encode(), 422, "items.0.reward"),
-    ("nan_kept", b'{"items": [{"completion_text": "B", "answer": "B", "answer_type": "choice", "choices": ["x", "y"],'
-     b' "visual_tokens_kept": NaN, "visual_tokens_total": 64}]}', 422, "items.0.visual_tokens_kept"),
-    ("infinite_total", b'{"items": [{"completion_text": "B", "answer": "B", "answer_type": "choice", "choices": '
-     b'["x", "y"], "visual_tokens_kept": 1, "visual_tokens_total": Infinity}]}', 422, "items.0.visual_tokens_total"),
-    ("float_count", json.dumps({"items": [item(visual_tokens_kept=1.5)]}).encode(), 422, "items.0.visual_tokens_kept"),
-    ("kept_above_total", json.dumps({"items": [item(visual_tokens_kept=65)]}).encode(), 422, "visual_tokens_kept=65"),
-    ("negative_kept", json.dumps({"items": [item(visual_tokens_kept=-1)]}).encode(), 422, "items.0.visual_tokens_kept"),
-    ("zero_total", json.dumps({"items": [item(visual_tokens_kept=0, visual_tokens_total=0)]}).encode(), 422,
-     "items.0.visual_tokens_total"),
+    (
+        "nan_kept",
+        (
+            b'{"items": [{"completion_text": "B", "answer": "B", "answer_type": "choice", '
+            b'"choices": ["x", "y"], "visual_tokens_kept": NaN, "visual_tokens_total": 64}]}'
+        ),
+        422,
+        "items.0.visual_tokens_kept",
+    ),
+    (
+        "infinite_total",
+        (
+            b'{"items": [{"completion_text": "B", "answer": "B", "answer_type": "choice", "choices": '
+            b'["x", "y"], "visual_tokens_kept": 1, "visual_tokens_total": Infinity}]}'
+        ),
+        422,
+        "items.0.visual_tokens_total",
+    ),
+    (
+        "float_count",
+        json.dumps({"items": [item(visual_tokens_kept=1.5)]}).encode(),
+        422,
+        "items.0.visual_tokens_kept",
+    ),
+    (
+        "kept_above_total",
+        json.dumps({"items": [item(visual_tokens_kept=65)]}).encode(),
+        422,
+        "visual_tokens_kept=65",
+    ),
+    (
+        "negative_kept",
+        json.dumps({"items": [item(visual_tokens_kept=-1)]}).encode(),
+        422,
+        "items.0.visual_tokens_kept",
+    ),
+    (
+        "zero_total",
+        json.dumps({"items": [item(visual_tokens_kept=0, visual_tokens_total=0)]}).encode(),
+        422,
+        "items.0.visual_tokens_total",
+    ),
     ("bad_reference", json.dumps({"items": [item(), item(answer="Q")]}).encode(), 422, "items.1.answer"),
-    ("bad_number_reference", json.dumps({"items": [item(answer_type="number", answer="lots")]}).encode(), 422,
-     "items.0.answer"),
-    ("bad_format_regex", json.dumps({"items": [item(required_format="(unclosed")]}).encode(), 422,
-     "items.0.required_format"),
+    (
+        "bad_number_reference",
+        json.dumps({"items": [item(answer_type="number", answer="lots")]}).encode(),
+        422,
+        "items.0.answer",
+    ),
+    (
+        "bad_format_regex",
+        json.dumps({"items": [item(required_format="(unclosed")]}).encode(),
+        422,
+        "items.0.required_format",
+    ),
     ("too_many_items", json.dumps({"items": [item()] * 101}).encode(), 413, "items"),
     ("future_schema", json.dumps({"schema_version": 99, "items": [item()]}).encode(), 422, "schema_version"),
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "names"), [case[1:] for case in BAD_REQUESTS],
-                         ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_requests_get_a_4xx_that_names_the_field(reward_server, body: bytes, status: int, names: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "names"), [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+)
+def test_bad_requests_get_a_4xx_that_names_the_field(
+    reward_server, body: bytes, status: int, names: str
+) -> None:
     response = post(reward_server, content=body)
     assert response.status_code == status, response.text
     payload = response.json()
@@ -130,8 +217,12 @@ def test_oversized_bodies_are_refused(reward_server) -> None:
         for start in range(0, len(huge), 65_536):
             yield huge[start : start + 65_536]
 
-    streamed = httpx.post(f"{reward_server.url}/v1/score", content=chunks(), timeout=10,
-                          headers={**reward_server.auth_headers, "Content-Type": "application/json"})
+    streamed = httpx.post(
+        f"{reward_server.url}/v1/score",
+        content=chunks(),
+        timeout=10,
+        headers={**reward_server.auth_headers, "Content-Type": "application/json"},
+    )
     assert streamed.status_code == 413
 
 
@@ -149,9 +240,15 @@ def test_metrics_show_requests_items_components_and_errors(reward_server) -> Non
 
 
 def test_refuses_to_start_with_auth_on_and_no_token() -> None:
-    done = subprocess.run([sys.executable, "-m", "reward_server", "--set", "reward_server.port=1"],
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-m", "reward_server", "--set", "reward_server.port=1"],
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 2
     assert "auth_token" in done.stderr and "auth_required" in done.stderr
 
@@ -182,8 +279,16 @@ def test_client_scores_and_splits_batches_to_the_server_limit(reward_server) -> 
 
 
 def test_client_does_not_retry_client_errors(reward_server) -> None:
-    bad = [ScoreItem(completion_text="x", answer="Q", answer_type=AnswerType.CHOICE, choices=["a", "b"],
-                     visual_tokens_kept=1, visual_tokens_total=2)]
+    bad = [
+        ScoreItem(
+            completion_text="x",
+            answer="Q",
+            answer_type=AnswerType.CHOICE,
+            choices=["a", "b"],
+            visual_tokens_kept=1,
+            visual_tokens_total=2,
+        )
+    ]
 
     async def run(settings) -> RewardClient:
         async with RewardClient(settings) as client:
@@ -202,8 +307,9 @@ def test_client_retries_connection_errors_then_gives_up() -> None:
 
     from services.settings import RewardServerSettings
 
-    settings = RewardServerSettings(url=f"http://127.0.0.1:{free_port()}", client_retries=2,
-                                    client_backoff_s=0.01, client_timeout_s=2)
+    settings = RewardServerSettings(
+        url=f"http://127.0.0.1:{free_port()}", client_retries=2, client_backoff_s=0.01, client_timeout_s=2
+    )
 
     async def run() -> int:
         async with RewardClient(settings) as client:
@@ -222,7 +328,8 @@ def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_ser
     stalled = socket.create_connection(("127.0.0.1", server.port))
     stalled.sendall(
         f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:10]
     )
     try:
         time.sleep(0.3)  # let the server take the stalled request in

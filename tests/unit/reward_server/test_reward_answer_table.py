@@ -29,8 +29,16 @@ def table_rows() -> list[tuple[str, str, list[str] | None, str, bool, str | None
         kind, reference, choices, completion, verdict, read_as = (cell.strip() for cell in cells)
         choice_list = [c.strip() for c in _cell(choices).split(";")] if choices else None
         assert verdict in ("accepted", "rejected"), line
-        rows.append((kind, _cell(reference), choice_list, _cell(completion), verdict == "accepted",
-                     None if read_as == "—" else _cell(read_as)))
+        rows.append(
+            (
+                kind,
+                _cell(reference),
+                choice_list,
+                _cell(completion),
+                verdict == "accepted",
+                None if read_as == "—" else _cell(read_as),
+            )
+        )
     return rows
 
 
@@ -43,8 +51,11 @@ def test_the_table_covers_every_answer_type_both_ways() -> None:
     assert len(ROWS) >= 60
 
 
-@pytest.mark.parametrize(("kind", "reference", "choices", "completion", "accepted", "read_as"), ROWS,
-                         ids=[f"{row[0]}:{row[3][:40]!r}" for row in ROWS])
+@pytest.mark.parametrize(
+    ("kind", "reference", "choices", "completion", "accepted", "read_as"),
+    ROWS,
+    ids=[f"{row[0]}:{row[3][:40]!r}" for row in ROWS],
+)
 def test_documented_verdict(
     kind: str, reference: str, choices: list[str] | None, completion: str, accepted: bool, read_as: str | None
 ) -> None:

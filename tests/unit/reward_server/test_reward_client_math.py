@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -37,4 +38,4 @@ def test_retry_after_wins_over_backoff() -> None:
 def test_backoff_grows_on_average() -> None:
     rng = random.Random(1)
     means = [sum(backoff_delay(a, 0.1, 100, None, rng) for _ in range(2000)) / 2000 for a in range(5)]
-    assert all(later > earlier for earlier, later in zip(means, means[1:]))
+    assert all(later > earlier for earlier, later in itertools.pairwise(means))

@@ -36,8 +36,9 @@ def test_efficiency_refuses_impossible_counts(kept: float, total: float) -> None
 
 
 @given(st.booleans(), st.floats(0, 1), st.floats(0, 1), st.floats(0, 5), st.floats(0, 5), st.floats(0, 5))
-def test_combined_reward_formula(correct: bool, efficiency: float, fmt: float, w_acc: float, lam: float,
-                                 mu: float) -> None:
+def test_combined_reward_formula(
+    correct: bool, efficiency: float, fmt: float, w_acc: float, lam: float, mu: float
+) -> None:
     weights = RewardSettings(accuracy_weight=w_acc, efficiency_weight=lam, format_weight=mu)
     total = combine_reward(correct, efficiency, fmt, weights)
     expected = w_acc * correct + lam * efficiency * correct + mu * fmt
@@ -61,8 +62,14 @@ def test_catastrophic_format_pattern_times_out() -> None:
 
 
 def _item(**overrides: object) -> ScoreItem:
-    fields = dict(completion_text="The answer is B.", answer="B", answer_type=AnswerType.CHOICE,
-                  choices=["red", "blue"], visual_tokens_kept=16, visual_tokens_total=64)
+    fields = {
+        "completion_text": "The answer is B.",
+        "answer": "B",
+        "answer_type": AnswerType.CHOICE,
+        "choices": ["red", "blue"],
+        "visual_tokens_kept": 16,
+        "visual_tokens_total": 64,
+    }
     return ScoreItem(**{**fields, **overrides})
 
 
