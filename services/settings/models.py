@@ -80,6 +80,9 @@ class RewardServerSettings(StrictModel):
     client_backoff_s: float = Field(0.1, gt=0, description="First client retry delay; doubles each retry.")
     client_backoff_cap_s: float = Field(5.0, gt=0, description="Longest single client retry delay.")
     shed_retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a load-shedding 503.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a client may take to send a request body (slow-client guard)."
+    )
     rewards: RewardSettings = Field(default_factory=RewardSettings, description="Reward weights.")
 
 
@@ -121,6 +124,65 @@ class SparsitySettings(StrictModel):
     )
 
 
+class LearnerSettings(StrictModel):
+    model_path: Path | None = Field(
+        None, description="HF folder the policy (and the frozen reference) start from; None uses rollout.model_path."
+    )
+    datasets: list[Path] = Field(
+        default_factory=lambda: [Path("assets/tasks/digits/train.jsonl")], min_length=1,
+        description="Task JSONL files the learner feeds to the workers, in order.",
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the datasets (each epoch reshuffled by seed + epoch).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: epochs decide).")
+    groups_per_step: int = Field(8, ge=1, description="Trajectory groups (prompts) per optimizer step.")
+    micro_batch_groups: int = Field(2, ge=1, description="Groups per forward/backward pass (grad accumulation).")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR decay after warm-up (transformers.get_scheduler names, with warm-up)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm (clip_grad_norm_).")
+    clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO clip epsilon below 1.")
+    clip_eps_high: float = Field(0.2, ge=0, description="PPO clip epsilon above 1 (0.28 = DAPO clip-higher).")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for negative advantages; None: off.")
+    beta: float = Field(0.04, ge=0, description="KL(pi || pi_ref) coefficient; 0 skips the reference model.")
+    kl_ratio_weighted: bool = Field(True, description="Weight k3 by pi/pi_old (unbiased KL gradient off-policy).")
+    normalization: Literal["token_mean", "sequence_mean", "group_token_mean", "sum_over_max_len"] = Field(
+        "token_mean", description="How per-token losses are averaged (see learner.algorithms.aggregate)."
+    )
+    tis_cap: float | None = Field(2.0, gt=0, description="Truncated IS cap on pi_trainer/pi_rollout; None: off.")
+    old_logprobs: Literal["recompute", "rollout"] = Field(
+        "recompute",
+        description="PPO ratio base: the trainer's own log-probs (+TIS vs the rollout's), or the rollout's.",
+    )
+    adv_std: Literal["unbiased", "biased", "none"] = Field("unbiased", description="Advantage std kind.")
+    adv_eps: float = Field(1e-4, gt=0, description="Epsilon added to the group reward std.")
+    drop_zero_variance: bool = Field(False, description="Skip the rows of groups whose rewards are all equal.")
+    max_staleness: int = Field(4, ge=0, description="Drop groups made more than this many versions ago.")
+    publish_every: int = Field(1, ge=1, description="Publish a new weight version every k steps.")
+    keep_weight_versions: int = Field(3, ge=1, description="Published version folders kept on disk.")
+    checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every k steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
+    run_dir: Path | None = Field(None, description="Run folder (checkpoints, weights, logs); None: runs/<run_name>.")
+    weights_root: Path | None = Field(
+        None, description="Shared folder for published weight versions; None: <run_dir>/weights."
+    )
+    seed: int = Field(0, description="Seed of torch/numpy/python RNGs and of the dataset shuffle.")
+    device: str = Field("cpu", description="Torch device of the policy and the reference ('cpu', 'cuda').")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (bit-exact CPU resume).")
+    task_queue_fill: int = Field(64, ge=1, description="Keep up to this many tasks waiting on the tasks stream.")
+    idle_timeout_s: float = Field(
+        0.0, ge=0, description="Stop when no trajectory group arrives for this long; 0 waits forever."
+    )
+    use_ray: bool = Field(True, description="Run the trainer in a Ray actor (False: in this process).")
+    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs the trainer actor reserves.")
+    ray_num_gpus: float = Field(0.0, ge=0, description="GPUs the trainer actor reserves.")
+
+
 class Settings(StrictModel):
     """Everything a run can configure. Sections belong to the services that read them."""
 
@@ -133,3 +195,4 @@ class Settings(StrictModel):
     )
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Rollout workers.")
     sparsity: SparsitySettings = Field(default_factory=SparsitySettings, description="Token pruning.")
+    learner: LearnerSettings = Field(default_factory=LearnerSettings, description="The GRPO learner.")
