@@ -27,13 +27,21 @@ IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Words of the bundled tasks, so the trained BPE gives each answer one or two tokens even without a corpus.
-BUILTIN_CORPUS = (
-    "What colour is the circle? What shape is the red object? How many squares are there? "
-    "Which quadrant is the blue triangle in? top left top right bottom left bottom right "
-    "red green blue yellow purple orange cyan white black circle square triangle star diamond "
-    "What digit is in row 2, column 3? Is the digit in row 1, column 4 a 7? yes no "
-    "0 1 2 3 4 5 6 7 8 9 Answer with one word. You are a helpful assistant. user assistant system"
-)
+# Answers follow the template's "assistant\n", so they are listed alone too (no leading space); repeats
+# reach the trainer's min_frequency.
+_TASK_WORDS = (
+    "red green blue yellow purple orange circle square triangle diamond yes no "
+    "top left top right bottom left bottom right row column digit colour shape"
+).split()
+BUILTIN_CORPUS: tuple[str, ...] = (
+    *(_TASK_WORDS * 3),
+    *[str(digit) for digit in range(10)],
+    *(["top left", "top right", "bottom left", "bottom right"] * 3),
+    "What colour is the circle? What shape is the red object? How many squares are there?",
+    "Where is the blue triangle? What digit is in row 2, column 3? Is the digit in row 1, column 4 a 7?",
+    "You are a helpful assistant.",
+    "user assistant system",
+) * 2
 
 
 class TinyModelSpec(BaseModel):
@@ -185,7 +193,7 @@ def build_tiny_model(
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     lines = list(corpus) if corpus is not None else []
-    tokenizer = train_bpe_tokenizer([BUILTIN_CORPUS, *lines], vocab_size=spec.vocab_size)
+    tokenizer = train_bpe_tokenizer([*BUILTIN_CORPUS, *lines], vocab_size=spec.vocab_size)
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     config = build_config(spec.model_copy(update={"vocab_size": len(tokenizer)}), token_ids)
     torch.manual_seed(spec.seed)

@@ -1,0 +1,67 @@
+"""Turn dataset items into model inputs: left-padded prompts for generation, right-padded answers for SFT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from services.modeling.prompts import build_prompt
+
+IGNORE_INDEX = -100
+ANSWER_END = "<|im_end|>"
+
+
+def generation_inputs(processor: Any, questions: Sequence[str], images: Sequence[Image.Image]) -> dict:
+    """Left-padded prompt batch (input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)."""
+    prompts = [build_prompt(processor, question) for question in questions]
+    return dict(processor(text=prompts, images=list(images), padding=True, padding_side="left",
+                          return_tensors="pt"))
+
+
+def training_inputs(
+    processor: Any, questions: Sequence[str], images: Sequence[Image.Image], answers: Sequence[str]
+) -> dict:
+    """Right-padded prompt+answer batch with `labels` set on the answer tokens and the closing <|im_end|> only."""
+    prompts = [build_prompt(processor, question) for question in questions]
+    texts = [prompt + answer + ANSWER_END for prompt, answer in zip(prompts, answers, strict=True)]
+    batch = dict(processor(text=texts, images=list(images), padding=True, padding_side="right",
+                           return_tensors="pt"))
+    input_ids: torch.Tensor = batch["input_ids"]
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (answer, length) in enumerate(zip(answers, lengths, strict=True)):
+        answer_ids = processor.tokenizer(answer + ANSWER_END, add_special_tokens=False)["input_ids"]
+        start = length - len(answer_ids)
+        # The template ends the prompt with "\n", which the pre-tokenizer never merges into the answer,
+        # so the answer's ids are the same whether tokenized alone or after the prompt.
+        if input_ids[row, start:length].tolist() != answer_ids:
+            raise ValueError(f"answer {answer!r} does not tokenize the same after the prompt (row {row})")
+        labels[row, start:length] = input_ids[row, start:length]
+    batch["labels"] = labels
+    return batch
+
+
+def decode_answers(processor: Any, generated: torch.Tensor, prompt_length: int) -> list[str]:
+    """Text of each row's new tokens (special tokens dropped, whitespace stripped). generated: (B, L+T)."""
+    texts = processor.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: torch.nn.Module, processor: Any, questions: Sequence[str], images: Sequence[Image.Image],
+    max_new_tokens: int = 8,
+) -> list[str]:
+    """Greedy (dense) answers of the model to a batch of image questions."""
+    inputs = generation_inputs(processor, questions, images)
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return decode_answers(processor, generated, inputs["input_ids"].shape[1])
+
+
+def normalize_answer(text: str) -> str:
+    """Case- and whitespace-folded answer without a trailing full stop, for exact-match scoring."""
+    return " ".join(text.strip().rstrip(".").lower().split())

@@ -1,0 +1,124 @@
+"""The bundled task generators: deterministic by seed, parameterised, and with answers the image supports."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.data import SplitSizes, build_family, load_dataset
+from services.data.digits import DigitGridSpec, digit_pool, generate_digit_grids, render_grid
+from services.data.scenes import COLOURS, CELL_PIXELS, SceneSpec, generate_scenes, render_scene, sample_scene
+
+SMALL = SplitSizes(train=6, val=3, test=5)
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("family", ["scenes", "digits"])
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path: Path, family: str) -> None:
+    build_family(family, tmp_path / "a", seed=3, sizes=SMALL)
+    build_family(family, tmp_path / "b", seed=3, sizes=SMALL)
+    build_family(family, tmp_path / "c", seed=4, sizes=SMALL)
+    first = _fingerprint(tmp_path / "a")
+    assert first == _fingerprint(tmp_path / "b")
+    assert first != _fingerprint(tmp_path / "c")
+    for split, count in (("train", 6), ("val", 3), ("test", 5)):
+        items = load_dataset(tmp_path / "a" / family / f"{split}.jsonl")
+        assert len(items) == count and all(item.task.id.startswith(f"{family}-{split}-") for item in items)
+
+
+def test_digit_pools_of_the_splits_share_no_image() -> None:
+    pools = {split: digit_pool(split)[0].reshape(-1, 64) for split in ("train", "val", "test")}
+    assert sum(len(images) for images in pools.values()) == 1797
+    seen = {split: {row.tobytes() for row in images} for split, images in pools.items()}
+    # load_digits holds a handful of exact duplicate bitmaps; the pools are disjoint by index, and almost
+    # entirely by content.
+    assert len(seen["train"] & seen["test"]) <= 3
+    assert len(seen["train"] & seen["val"]) <= 3
+
+
+def test_test_grids_only_draw_digits_from_the_test_pool() -> None:
+    spec = DigitGridSpec()
+    pool_images, _ = digit_pool("test")
+    rendered_pool = {render_grid(image[None], DigitGridSpec(image_size=56, grid_size=1)).tobytes()
+                     for image in pool_images}
+    _task, grid = next(generate_digit_grids(np.random.default_rng(0), spec, "test", 1))
+    cell = spec.cell_pixels
+    for row in range(spec.grid_size):
+        for column in range(spec.grid_size):
+            crop = grid.crop((column * cell, row * cell, (column + 1) * cell, (row + 1) * cell))
+            assert crop.tobytes() in rendered_pool
+
+
+def test_digit_question_answers_the_digit_drawn_in_that_cell() -> None:
+    spec = DigitGridSpec(image_size=112, grid_size=2, question_mix={"digit_at": 1.0})
+    images, labels = digit_pool("val")
+    by_bitmap = {render_grid(image[None], DigitGridSpec(image_size=56, grid_size=1)).tobytes(): int(label)
+                 for image, label in zip(images, labels)}
+    for task, grid in generate_digit_grids(np.random.default_rng(1), spec, "val", 20):
+        words = task.question.rstrip("?").replace(",", "").split()
+        row, column = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+        crop = grid.crop((column * 56, row * 56, (column + 1) * 56, (row + 1) * 56))
+        assert by_bitmap[crop.tobytes()] == int(task.answer)
+
+
+def test_scene_colour_answer_matches_the_pixels_of_that_shape() -> None:
+    spec = SceneSpec(question_mix={"colour": 1.0})
+    rng = np.random.default_rng(5)
+    for task, image in generate_scenes(rng, spec, "test", 30):
+        pixels = np.asarray(image).reshape(-1, 3)
+        present = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).any()}
+        if task.question.startswith("What colour"):
+            assert task.answer in present
+        assert image.size == (224, 224)
+
+
+def test_scene_objects_sit_in_distinct_cells_with_distinct_colours() -> None:
+    spec = SceneSpec(image_size=448, min_objects=4, max_objects=6)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        objects = sample_scene(rng, spec)
+        assert 4 <= len(objects) <= 6
+        assert len({o.colour for o in objects}) == len(objects)
+        assert len({(o.row, o.column) for o in objects}) == len(objects)
+        assert all(0 <= o.row < 448 // CELL_PIXELS for o in objects)
+    assert render_scene(rng, objects, spec).size == (448, 448)
+
+
+def test_question_mix_controls_which_questions_are_asked() -> None:
+    only_count = SceneSpec(question_mix={"count": 1.0, "colour": 0.0})
+    tasks = [task for task, _ in generate_scenes(np.random.default_rng(2), only_count, "train", 20)]
+    assert all(task.question.startswith("How many") and task.answer.isdigit() for task in tasks)
+    only_yes_no = DigitGridSpec(question_mix={"is_digit": 1.0})
+    answers = [task.answer for task, _ in generate_digit_grids(np.random.default_rng(2), only_yes_no, "val", 40)]
+    assert set(answers) == {"yes", "no"}
+
+
+@pytest.mark.parametrize(
+    ("factory", "fields", "message"),
+    [
+        (SceneSpec, {"image_size": 230}, "multiple of 56"),
+        (SceneSpec, {"min_objects": 5, "max_objects": 3}, "objects range"),
+        (SceneSpec, {"question_mix": {"size": 1.0}}, "question_mix"),
+        (SceneSpec, {"question_mix": {"count": -1.0, "colour": 2.0}}, "negative"),
+        (DigitGridSpec, {"image_size": 224, "grid_size": 3}, "multiple of 28\\*grid_size"),
+        (DigitGridSpec, {"question_mix": {"digit_at": 0.0}}, "question_mix"),
+    ],
+)
+def test_bad_generator_parameters_are_refused_by_name(factory: type, fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory(**fields)
+
+
+def test_image_size_sets_the_visual_grid_without_resizing(tmp_path: Path) -> None:
+    build_family("digits", tmp_path, seed=0, sizes=SplitSizes(train=1, val=1, test=1),
+                 digit_spec=DigitGridSpec(image_size=448, grid_size=8), splits=("test",))
+    (item,) = load_dataset(tmp_path / "digits" / "test.jsonl")
+    assert Image.open(item.image_path).size == (448, 448)
