@@ -14,20 +14,25 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
+from pydantic import SecretStr
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # before bench/: this script's name would shadow the reward_server package
 
 from common import print_table, save_results
 from support import free_port, wait_for_port
 
+from reward_server.client import RewardClient
 from services.schemas.models import AnswerType, ScoreItem, ScoreRequest
+from services.settings import RewardServerSettings
 
 GOAL_ITEMS_PER_S = 5_000
 GOAL_P99_MS = 50.0
@@ -50,8 +55,8 @@ _EXAMPLES = [
 ]
 
 
-def make_batch(size: int) -> bytes:
-    """A JSON ScoreRequest of `size` realistic items, mixing every answer type and budget."""
+def make_items(size: int) -> list[ScoreItem]:
+    """`size` realistic items, mixing every answer type and budget."""
     items = []
     for index in range(size):
         text, answer, answer_type, choices = _EXAMPLES[index % len(_EXAMPLES)]
@@ -65,35 +70,54 @@ def make_batch(size: int) -> bytes:
                 visual_tokens_total=256,
             )
         )
-    return ScoreRequest(items=items).model_dump_json().encode()
+    return items
 
 
-async def client_loop(http: httpx.AsyncClient, body: bytes, stop_at: float, latencies: list[float]) -> None:
-    """Post the same batch back to back until stop_at, recording each request's latency."""
+async def client_loop(send: Callable[[], Awaitable[None]], stop_at: float, latencies: list[float]) -> None:
+    """Send back to back until stop_at, recording each request's latency."""
     while time.perf_counter() < stop_at:
         started = time.perf_counter()
-        response = await http.post("/v1/score", content=body)
+        await send()
         latencies.append(time.perf_counter() - started)
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
 
 
-async def measure(url: str, token: str, batch: int, clients: int, seconds: float) -> dict:
-    """Run `clients` concurrent loops for `seconds` (after a short warm-up) and summarize."""
-    body = make_batch(batch)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as http:
-        warm: list[float] = []
-        await asyncio.gather(
-            *(client_loop(http, body, time.perf_counter() + 0.5, warm) for _ in range(clients))
-        )
-        latencies: list[float] = []
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(http, body, started + seconds, latencies) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
+async def run_clients(
+    send: Callable[[], Awaitable[None]], clients: int, seconds: float
+) -> tuple[list, float]:
+    """`clients` concurrent loops for `seconds`, after a 0.5 s warm-up; returns latencies and elapsed time."""
+    await asyncio.gather(*(client_loop(send, time.perf_counter() + 0.5, []) for _ in range(clients)))
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(send, started + seconds, latencies) for _ in range(clients)))
+    return latencies, time.perf_counter() - started
+
+
+async def measure(url: str, token: str, batch: int, clients: int, seconds: float, via: str) -> dict:
+    """Items/s and latency percentiles at one batch size, sent raw (pre-encoded JSON) or via RewardClient."""
+    items = make_items(batch)
+    if via == "RewardClient":
+        settings = RewardServerSettings(url=url, auth_token=SecretStr(token), max_batch_items=max(batch, 1))
+        async with RewardClient(settings) as client:
+
+            async def send() -> None:
+                await client.score(items)
+
+            latencies, elapsed = await run_clients(send, clients, seconds)
+    else:
+        body = ScoreRequest(items=items).model_dump_json().encode()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as http:
+
+            async def send() -> None:
+                response = await http.post("/v1/score", content=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+
+            latencies, elapsed = await run_clients(send, clients, seconds)
     lat_ms = np.array(latencies) * 1e3
     return {
+        "via": via,
         "batch": batch,
         "clients": clients,
         "requests": len(latencies),
@@ -139,54 +163,49 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 5.0
     port, token = free_port(), secrets.token_urlsafe(24)
+    url = f"http://127.0.0.1:{port}"
+    # Raw httpx with a pre-encoded body measures the server; RewardClient adds the worker's own client costs.
+    cases = [("httpx", batch) for batch in args.batches] + [("RewardClient", 64)]
+    load_before = os.getloadavg()[0]
     server = start_server(port, token)
     try:
         rows = [
-            asyncio.run(measure(f"http://127.0.0.1:{port}", token, batch, args.clients, seconds))
-            for batch in tqdm(args.batches, desc="batch sizes")
+            asyncio.run(measure(url, token, batch, args.clients, seconds, via))
+            for via, batch in tqdm(cases, desc="cases")
         ]
     finally:
         server.terminate()
         server.wait(timeout=10)
+    columns = [
+        "via",
+        "batch",
+        "clients",
+        "requests",
+        "items_per_s",
+        "requests_per_s",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+    ]
     print_table(
         f"reward server, {args.clients} concurrent clients, {seconds:g} s per case (1 uvicorn worker)",
-        ["batch", "clients", "requests", "items/s", "requests/s", "p50 ms", "p99 ms", "max ms"],
-        [
-            [
-                r["batch"],
-                r["clients"],
-                r["requests"],
-                r["items_per_s"],
-                r["requests_per_s"],
-                r["p50_ms"],
-                r["p99_ms"],
-                r["max_ms"],
-            ]
-            for r in rows
-        ],
+        columns,
+        [[row[column] for column in columns] for row in rows],
     )
-    at_64 = next((r for r in rows if r["batch"] == 64), None)
+    at_64 = (
+        next(row for row in rows if row["via"] == "httpx" and row["batch"] == 64)
+        if 64 in args.batches
+        else None
+    )
     goal = None
     if at_64 is not None:
-        goal = {
-            "items_per_s_at_64": GOAL_ITEMS_PER_S,
-            "p99_ms_at_64": GOAL_P99_MS,
-            "met": at_64["items_per_s"] >= GOAL_ITEMS_PER_S and at_64["p99_ms"] < GOAL_P99_MS,
-        }
+        met = at_64["items_per_s"] >= GOAL_ITEMS_PER_S and at_64["p99_ms"] < GOAL_P99_MS
+        goal = {"items_per_s_at_64": GOAL_ITEMS_PER_S, "p99_ms_at_64": GOAL_P99_MS, "met": met}
         print(
-            f"goal at batch 64: >= {GOAL_ITEMS_PER_S} items/s and p99 < {GOAL_P99_MS} ms -> "
-            f"{'met' if goal['met'] else 'NOT met'}"
+            f"goal at batch 64: >= {GOAL_ITEMS_PER_S} items/s and p99 < {GOAL_P99_MS} ms -> {'met' if met else 'NOT met'}"
         )
-    path = save_results(
-        "reward_server",
-        {
-            "load_average_1m": os.getloadavg()[0],
-            "seconds_per_case": seconds,
-            "rows": rows,
-            "goal": goal,
-        },
-    )
-    print(f"wrote {path}")
+    payload = {"load_average_1m_before": load_before, "seconds_per_case": seconds, "rows": rows, "goal": goal}
+    print(f"wrote {save_results('reward_server', payload)}")
 
 
 if __name__ == "__main__":

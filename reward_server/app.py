@@ -6,6 +6,7 @@ import hmac
 import logging
 from typing import Annotated, Any
 
+import anyio
 from fastapi import FastAPI, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +29,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
         400: "Body is not UTF-8 or not JSON.",
+        408: "The body took longer than reward_server.body_timeout_s to arrive.",
         401: "Missing or wrong bearer token.",
         413: "Body or batch too large.",
         422: "A field is missing, has the wrong type or an impossible value.",
@@ -50,8 +52,9 @@ class Health(BaseModel):
     inflight_requests: int = 0
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds max_bytes (declared or streamed)."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body: 413 as soon as it exceeds max_bytes (declared or streamed), 408 if it takes longer
+    than timeout_s to arrive, so slow clients cannot hold in-flight slots."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(
@@ -61,16 +64,25 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")],
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(
-                413,
-                "body_too_large",
-                f"body: more than {max_bytes} bytes",
-                [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")],
-            )
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(
+                    413,
+                    "body_too_large",
+                    f"body: more than {max_bytes} bytes",
+                    [FieldError(field="body", message=f"larger than {max_bytes} bytes", kind="too_large")],
+                )
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"body: not received within {timeout_s}s ({size} bytes arrived)",
+            [FieldError(field="body", message=f"slower than {timeout_s}s", kind="timeout")],
+            headers={"Connection": "close"},
+        )
     return b"".join(chunks)
 
 
@@ -192,7 +204,8 @@ def create_app(settings: RewardServerSettings, telemetry: Telemetry) -> FastAPI:
         """Score a batch of rollouts; every result carries each reward component and the total."""
         check_token(credentials, settings)
         batch = parse_score_request(
-            await read_body(request, settings.max_body_bytes), settings.max_batch_items
+            await read_body(request, settings.max_body_bytes, settings.body_timeout_s),
+            settings.max_batch_items,
         )
         try:
             results = score_items(batch.items, weights)

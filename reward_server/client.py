@@ -17,7 +17,7 @@ from typing_extensions import Self
 from services.schemas.models import RewardBreakdown, ScoreItem, ScoreRequest, ScoreResponse
 from services.settings.models import RewardServerSettings
 
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 60.0
 _log = logging.getLogger("reward_server.client")
 

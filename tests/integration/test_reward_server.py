@@ -321,18 +321,37 @@ def test_client_retries_connection_errors_then_gives_up() -> None:
     assert asyncio.run(run()) == 2
 
 
-def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_server: Callable) -> None:
-    server = start_reward_server(max_inflight_requests=1, shed_retry_after_s=1)
-    body = json.dumps({"items": VALID_ITEMS}).encode()
-    # Hold one request in flight: headers and half of the body sent, the rest withheld.
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll condition until it holds; fail the test if it does not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def inflight(server) -> int:
+    """Requests the server is handling now, as /healthz reports."""
+    return httpx.get(f"{server.url}/healthz", timeout=10).json()["inflight_requests"]
+
+
+def stall_a_request(server, body: bytes) -> socket.socket:
+    """Send headers and the first 10 bytes of a body, withhold the rest: one request held in flight."""
     stalled = socket.create_connection(("127.0.0.1", server.port))
     stalled.sendall(
         f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body[:10]
     )
+    wait_until(lambda: inflight(server) == 1)
+    return stalled
+
+
+def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_server: Callable) -> None:
+    server = start_reward_server(max_inflight_requests=1, shed_retry_after_s=1)
+    body = json.dumps({"items": VALID_ITEMS}).encode()
+    stalled = stall_a_request(server, body)
+    overloaded = 'sf_reward_server_errors_total{kind="overloaded"}'
     try:
-        time.sleep(0.3)  # let the server take the stalled request in
         shed = post(server, {"items": VALID_ITEMS})
         assert shed.status_code == 503
         assert shed.headers["retry-after"] == "1"
@@ -342,8 +361,9 @@ def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_ser
         async def score_while_busy() -> tuple[int, int]:
             async with RewardClient(server.client_settings()) as client:
                 task = asyncio.create_task(client.score(_score_items()))
-                await asyncio.sleep(0.3)
-                stalled.sendall(body[10:])  # the held request completes; the next retry gets through
+                while metric_value(server, overloaded) < 2:  # the client's first try was shed
+                    await asyncio.sleep(0.02)
+                stalled.sendall(body[10:])  # the held request completes; the client's retry gets through
                 results = await task
                 return len(results), client.retries_made
 
@@ -352,5 +372,19 @@ def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_ser
         assert b"200 OK" in stalled.recv(65_536)
     finally:
         stalled.close()
-    assert metric_value(server, 'sf_reward_server_errors_total{kind="overloaded"}') >= 2
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_slow_bodies_time_out_and_free_their_slot(start_reward_server: Callable) -> None:
+    server = start_reward_server(max_inflight_requests=1, body_timeout_s=0.5)
+    stalled = stall_a_request(server, json.dumps({"items": VALID_ITEMS}).encode())
+    try:
+        stalled.settimeout(10)
+        answer = stalled.recv(65_536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"body_timeout" not in answer and b"not received within 0.5s" in answer
+    finally:
+        stalled.close()
+    wait_until(lambda: inflight(server) == 0)
+    assert post(server, {"items": VALID_ITEMS}).status_code == 200
+    assert metric_value(server, 'sf_reward_server_errors_total{kind="body_timeout"}') == 1
