@@ -29,8 +29,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
         400: "Body is not UTF-8 or not JSON.",
-        408: "The body took longer than reward_server.body_timeout_s to arrive.",
         401: "Missing or wrong bearer token.",
+        408: "The body took longer than reward_server.body_timeout_s to arrive.",
         413: "Body or batch too large.",
         422: "A field is missing, has the wrong type or an impossible value.",
         503: "Too many requests in flight; retry after the Retry-After header's seconds.",
@@ -53,8 +53,8 @@ class Health(BaseModel):
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The request body: 413 as soon as it exceeds max_bytes (declared or streamed), 408 if it takes longer
-    than timeout_s to arrive, so slow clients cannot hold in-flight slots."""
+    """The request body; 413 past max_bytes (declared or streamed), 408 when slower than timeout_s."""
+    # The timeout keeps slow (or slowloris) clients from holding in-flight slots indefinitely.
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(
