@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
+from services.data.digits import DigitGridSpec
+from services.data.scenes import SceneSpec
 from services.modeling import TinyModelSpec, build_tiny_model, count_parameters, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer, training_inputs
 
@@ -50,19 +52,46 @@ class SFTConfig(BaseModel):
     eval_batch_size: int = Field(64, ge=1, description="Batch size of greedy evaluation.")
     keep_ratios: tuple[float, ...] = Field((0.5, 0.25, 0.125), description="Pruned-eval keep ratios.")
     pruned_eval_items: int = Field(200, ge=0, description="Test items per family in the pruned eval.")
-    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest on a shared 2-core box).")
+    train_scene_mix: dict[str, float] = Field(
+        default_factory=lambda: {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 4.0},
+        description="Question mix of the scenes train split (dense 'list_objects' teaches seeing).",
+    )
+    train_digit_mix: dict[str, float] = Field(
+        default_factory=lambda: {"digit_at": 3.0, "is_digit": 1.0, "read_grid": 4.0},
+        description="Question mix of the digits train split (dense 'read_grid' teaches seeing).",
+    )
+
+
+def split_recipe(config: SFTConfig, family: str, split: str) -> dict:
+    """What a split is generated from; a split on disk made from another recipe is regenerated."""
+    sizes = {"train": config.train_items, "val": config.val_items, "test": config.test_items}
+    recipe: dict = {"family": family, "split": split, "seed": config.seed, "items": sizes[split]}
+    if split == "train":
+        recipe["question_mix"] = config.train_scene_mix if family == "scenes" else config.train_digit_mix
+    return recipe
 
 
 def ensure_splits(config: SFTConfig) -> dict[str, dict[str, Path]]:
-    """Generate any missing split of each family; return family -> split -> JSONL path."""
+    """Generate each split whose recipe file is missing or differs; return family -> split -> JSONL path."""
     sizes = SplitSizes(train=config.train_items, val=config.val_items, test=config.test_items)
     paths: dict[str, dict[str, Path]] = {}
     for family in TASK_FAMILIES:
         family_dir = config.data_dir / family
-        missing = tuple(s for s in ("train", "val", "test") if not (family_dir / f"{s}.jsonl").is_file())
-        if missing:
-            build_family(family, config.data_dir, config.seed, sizes, splits=missing)
-        paths[family] = {s: family_dir / f"{s}.jsonl" for s in ("train", "val", "test")}
+        paths[family] = {}
+        for split in ("train", "val", "test"):
+            recipe = split_recipe(config, family, split)
+            recipe_path = family_dir / f"{split}.recipe.json"
+            jsonl_path = family_dir / f"{split}.jsonl"
+            current = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
+            if current != recipe or not jsonl_path.is_file():
+                mix = recipe.get("question_mix")
+                scene_spec = SceneSpec(question_mix=mix) if mix and family == "scenes" else None
+                digit_spec = DigitGridSpec(question_mix=mix) if mix and family == "digits" else None
+                shutil.rmtree(family_dir / "images" / split, ignore_errors=True)
+                build_family(family, config.data_dir, config.seed, sizes, scene_spec, digit_spec, (split,))
+                recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+            paths[family][split] = jsonl_path
     return paths
 
 
@@ -209,14 +238,30 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + name.replace("_", "-")
         if name == "keep_ratios":
             parser.add_argument(flag, type=float, nargs="*", help=field.description)
+        elif name.endswith("_mix"):
+            parser.add_argument(flag, type=json.loads, help=field.description + " (JSON object)")
         else:
             parser.add_argument(flag, type=str, required=field.is_required(), help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     report = run(SFTConfig(**values))
-    summary = {family: {"test": r["test"]["accuracy"], "pruned": r["test_pruned"].get("rows", "pending")}
-               for family, r in report["eval"].items()}
-    print(json.dumps({"timing_s": report["timing_s"], "accuracy": summary}, indent=2))
+    print_summary(report)
 
+
+def print_summary(report: dict) -> None:
+    """A table of dense and pruned test accuracy per task, and the run's timing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ratios = list(report["config"]["keep_ratios"])
+    table = Table(title=f"base model: test accuracy (timing {report['timing_s']} s)")
+    for column in ["task", "val dense", "test dense", *[f"test r={r:g}" for r in ratios]]:
+        table.add_column(column)
+    for family, result in report["eval"].items():
+        pruned = result["test_pruned"]
+        cells = [f"{pruned['rows'][f'r={r:g}']['accuracy']:.3f}" if pruned["status"] == "ok" else "pending"
+                 for r in ratios]
+        table.add_row(family, f"{result['val']['accuracy']:.3f}", f"{result['test']['accuracy']:.3f}", *cells)
+    Console().print(table)
 
 if __name__ == "__main__":
     main()

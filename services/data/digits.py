@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.schemas.models import AnswerType, Task
 
-QUESTION_KINDS: tuple[str, ...] = ("digit_at", "is_digit")
+QUESTION_KINDS: tuple[str, ...] = ("digit_at", "is_digit", "read_grid")
+# "read_grid" asks for every digit at once: dense supervision that teaches a model from scratch to see
+# the digits (used in the SFT's train mix; the default val/test mix asks about single cells).
 # Fractions of the 1797 UCI digit images that each split may draw from; the pools never overlap.
 POOL_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.1, "test": 0.2}
 POOL_SEED = 1797  # fixed, so the train/test digit images stay apart whatever seed a dataset uses
@@ -102,6 +104,9 @@ def ask_question(
         asked = truth if rng.random() < 0.5 else int(rng.choice([d for d in range(10) if d != truth]))
         answer = "yes" if asked == truth else "no"
         return f"Is the digit in {where} a {asked}?", answer, AnswerType.YES_NO
+    if kind == "read_grid":
+        rows = ["".join(str(int(d)) for d in labels[r * grid_size:(r + 1) * grid_size]) for r in range(grid_size)]
+        return "Read the digits row by row.", " ".join(rows), AnswerType.EXACT
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
 
 

@@ -21,7 +21,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
-QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count")
+QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "list_objects")
+# "list_objects" names every object in reading order: dense supervision for training a model from
+# scratch (used in the SFT's train mix; the default val/test mix asks about one object).
 CELL_PIXELS = 56  # one object per 56-px cell: 2x2 visual tokens after Qwen's 28-px merge
 
 
@@ -124,6 +126,10 @@ def ask_question(
     rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
 ) -> tuple[str, str, AnswerType, list[str] | None]:
     """(question, answer, answer_type, choices) of one kind about the scene."""
+    if kind == "list_objects":
+        ordered = sorted(objects, key=lambda o: (o.row, o.column))
+        answer = ", ".join(f"{o.colour} {o.shape}" for o in ordered)
+        return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None
     if kind == "count":
         shape = str(rng.choice(SHAPES))
         answer = sum(scene_object.shape == shape for scene_object in objects)

@@ -122,3 +122,16 @@ def test_image_size_sets_the_visual_grid_without_resizing(tmp_path: Path) -> Non
                  digit_spec=DigitGridSpec(image_size=448, grid_size=8), splits=("test",))
     (item,) = load_dataset(tmp_path / "digits" / "test.jsonl")
     assert Image.open(item.image_path).size == (448, 448)
+
+
+def test_dense_training_questions_name_every_object_and_digit() -> None:
+    spec = SceneSpec(question_mix={"list_objects": 1.0})
+    rng = np.random.default_rng(7)
+    for task, _ in generate_scenes(rng, spec, "train", 10):
+        names = task.answer.split(", ")
+        assert 2 <= len(names) <= 4
+        assert all(name.split()[0] in COLOURS for name in names)
+    grid_spec = DigitGridSpec(question_mix={"read_grid": 1.0})
+    task, _ = next(generate_digit_grids(np.random.default_rng(0), grid_spec, "train", 1))
+    rows = task.answer.split(" ")
+    assert len(rows) == 4 and all(len(row) == 4 and row.isdigit() for row in rows)
