@@ -174,6 +174,9 @@ class LearnerSettings(StrictModel):
     device: str = Field("cpu", description="Torch device of the policy and the reference ('cpu', 'cuda').")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (bit-exact CPU resume).")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads of torch ops; 0 keeps torch's default (1 avoids spin under CPU contention)."
+    )
     task_queue_fill: int = Field(64, ge=1, description="Keep up to this many tasks waiting on the tasks stream.")
     idle_timeout_s: float = Field(
         0.0, ge=0, description="Stop when no trajectory group arrives for this long; 0 waits forever."

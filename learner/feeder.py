@@ -1,0 +1,110 @@
+"""Keep the tasks stream fed with prompts from the datasets, for E epochs, resumable from a saved position.
+
+Each epoch visits every task once in an order drawn from (seed, epoch), so a resumed run continues the
+same order. Tasks are enqueued with `put_unique` keyed by (run id, epoch, task id): a learner that
+crashed after enqueueing but before its checkpoint re-enqueues nothing twice when it resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.data.loader import DatasetItem, load_dataset
+from services.queues import QueueFull, StreamQueue
+from services.schemas import TaskMessage, encode
+
+log = logging.getLogger(__name__)
+
+
+class FeederPosition(BaseModel):
+    """Where the feeder stands: the epoch and the index into that epoch's shuffled order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(0, ge=0)
+    index: int = Field(0, ge=0)
+    enqueued: int = Field(0, ge=0, description="Tasks put on the stream so far, over all epochs.")
+
+
+def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` visits task indices 0..num_tasks-1 (a seeded permutation)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_tasks).tolist()
+
+
+def load_tasks(paths: Sequence[Path]) -> list[tuple[DatasetItem, str]]:
+    """Every task of every dataset file, with the folder its image path is relative to."""
+    tasks: list[tuple[DatasetItem, str]] = []
+    for path in paths:
+        root = str(Path(path).resolve().parent)
+        tasks.extend((item, root) for item in load_dataset(path))
+    return tasks
+
+
+class TaskFeeder:
+    """Produce TaskMessages epoch by epoch and top the tasks stream up to a fill level."""
+
+    def __init__(
+        self, tasks: Sequence[tuple[DatasetItem, str]], epochs: int, seed: int, run_id: str,
+        position: FeederPosition | None = None,
+    ) -> None:
+        if not tasks:
+            raise ValueError("the feeder needs at least one task")
+        self.tasks = list(tasks)
+        self.epochs = epochs
+        self.seed = seed
+        self.run_id = run_id
+        self.position = position.model_copy() if position else FeederPosition()
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def total(self) -> int:
+        """Tasks over all epochs."""
+        return len(self.tasks) * self.epochs
+
+    @property
+    def exhausted(self) -> bool:
+        """True once every task of every epoch has been enqueued."""
+        return self.position.epoch >= self.epochs
+
+    def _current_order(self) -> list[int]:
+        if self._order_epoch != self.position.epoch:
+            self._order = epoch_order(len(self.tasks), self.seed, self.position.epoch)
+            self._order_epoch = self.position.epoch
+        return self._order
+
+    def peek(self) -> TaskMessage:
+        """The next task message, without advancing."""
+        item, root = self.tasks[self._current_order()[self.position.index]]
+        return TaskMessage(task=item.task, dataset_root=root, epoch=self.position.epoch)
+
+    def advance(self) -> None:
+        """Move past the current task (into the next epoch at the end of one)."""
+        self.position.index += 1
+        self.position.enqueued += 1
+        if self.position.index >= len(self.tasks):
+            self.position = FeederPosition(epoch=self.position.epoch + 1, index=0, enqueued=self.position.enqueued)
+
+    def fill(self, queue: StreamQueue, target: int, codec: str = "msgpack") -> int:
+        """Enqueue tasks until the stream holds `target` entries or the epochs run out; returns how many."""
+        room = target - queue.depth()
+        added = 0
+        while room > 0 and not self.exhausted:
+            message = self.peek()
+            key = f"{self.run_id}:{message.epoch}:{message.task.id}"
+            try:
+                published = queue.put_unique(encode(message, codec), key, timeout_s=0.0)
+            except QueueFull:
+                break  # another producer took the room; try again on the next fill
+            if published is not None:
+                added += 1
+                room -= 1
+            self.advance()
+        if added:
+            log.debug("fed tasks", extra={"added": added, "epoch": self.position.epoch})
+        return added

@@ -1,0 +1,82 @@
+"""`python -m learner.train --config ...`: run the GRPO learner, in a Ray actor or in this process.
+
+Works the same locally and under `ray job submit --working-dir . -- python -m learner.train --config ...`:
+`ray.init()` joins the cluster named by RAY_ADDRESS (which `ray job submit` sets for its entrypoint) and
+starts a local one otherwise. The actor's stdout/stderr reach the driver, so `ray job logs` shows progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from services.settings import add_settings_arguments, settings_from_args
+from services.settings.models import Settings
+from services.telemetry import Telemetry, configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The entrypoint's flags: --config/--set, --resume and --no-ray."""
+    parser = argparse.ArgumentParser(prog="sf-train", description=__doc__.splitlines()[0])
+    add_settings_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--no-ray", action="store_true", help="train in this process (same as learner.use_ray=false)")
+    return parser
+
+
+def run_training(settings: Settings, resume: bool) -> dict[str, object]:
+    """Build the trainer, serve /metrics if configured, train, and return the run summary."""
+    from learner.trainer import Trainer  # torch/transformers load here, inside the actor, not in the driver
+
+    log = configure_logging(settings.telemetry, "learner")
+    telemetry = Telemetry("learner")
+    if settings.telemetry.metrics_port:
+        port = telemetry.serve(settings.telemetry.metrics_host, settings.telemetry.metrics_port)
+        log.info("serving metrics", extra={"port": port})
+    trainer = Trainer(settings, resume=resume, telemetry=telemetry)
+    log.info("learner started", extra={"run_dir": str(trainer.run_dir), "step": trainer.state.step,
+                                       "policy_version": trainer.state.policy_version, "resume": resume})
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+class TrainerActor:
+    """The Ray actor around run_training (wrapped with ray.remote at launch, with the configured resources)."""
+
+    def run(self, settings: Settings, resume: bool) -> dict[str, object]:
+        """Train to the end inside the actor."""
+        return run_training(settings, resume)
+
+
+def run_in_ray(settings: Settings, resume: bool) -> dict[str, object]:
+    """Start the trainer actor on the cluster (or a local Ray) and wait for its summary."""
+    import ray
+
+    ray.init(log_to_driver=True)
+    try:
+        actor_class = ray.remote(num_cpus=settings.learner.ray_num_cpus,
+                                 num_gpus=settings.learner.ray_num_gpus)(TrainerActor)
+        actor = actor_class.options(name=f"learner-{settings.run_name}").remote()
+        return ray.get(actor.run.remote(settings, resume))
+    finally:
+        ray.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, load settings, train; print the summary as JSON on the last line."""
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    if args.no_ray:
+        settings.learner.use_ray = False
+    configure_logging(settings.telemetry, "learner")
+    summary = run_in_ray(settings, args.resume) if settings.learner.use_ray else run_training(settings, args.resume)
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

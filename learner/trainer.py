@@ -1,0 +1,295 @@
+"""The learner's loop: feed tasks, collect trajectory groups, take GRPO steps, publish weights, checkpoint.
+
+Orchestration only (torchtune's recipe style): the math is `learner.algorithms` + `learner.step`, the
+model code `services.modeling`, the transport `services.queues` / `services.weights`.
+
+Delivery: a group is acked right after the step that trained on it, and its id joins the trained set
+that every checkpoint stores, so a redelivered or replayed group is never trained twice (within one run,
+across resumes). Groups trained after the last checkpoint are lost with a crash (their weights are too):
+at-most-once for them, never twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from learner.algorithms import LossConfig, filter_stale
+from learner.batching import rollout_statistics
+from learner.checkpoint import TrainingState, latest_checkpoint, load_training_state, restore_rng_states, save_checkpoint
+from learner.feeder import TaskFeeder, load_tasks
+from learner.publishing import publish_policy
+from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
+from services.data.loader import open_image, resolve_image
+from services.modeling import load_model_and_processor
+from services.modeling.pruned_forward import visual_tokens_per_image
+from services.queues import Entry, StreamQueue, connect_redis
+from services.schemas import DecodeError, TrajectoryGroup, decode
+from services.settings.models import Settings
+from services.telemetry import Telemetry
+
+log = logging.getLogger("learner")
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def configure_determinism(seed: int, deterministic: bool) -> None:
+    """Seed python/numpy/torch and ask torch for deterministic kernels (bit-exact CPU resume)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: a few CUDA ops have no deterministic kernel; on the CPU every op we use has one.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class Batch:
+    """Groups admitted for one step, the stream entries to ack after it, and what was turned away."""
+
+    groups: list[TrajectoryGroup] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    turned_away: Counter = field(default_factory=Counter)
+
+
+class Trainer:
+    """Owns the policy, the frozen reference, the optimizer and the run's streams, checkpoints and log."""
+
+    def __init__(self, settings: Settings, *, resume: bool = False, telemetry: Telemetry | None = None) -> None:
+        self.settings, self.cfg = settings, settings.learner
+        cfg = self.cfg
+        self.run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name)
+        self.weights_root = Path(cfg.weights_root or self.run_dir / "weights")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        configure_determinism(cfg.seed, cfg.deterministic)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        base = Path(cfg.model_path or settings.rollout.model_path)
+        if checkpoint is not None:
+            self.state, torch_state = load_training_state(checkpoint)
+            base, load_from = Path(self.state.base_model_path), checkpoint
+        else:
+            if resume:
+                log.warning("no checkpoint to resume from; starting fresh", extra={"run_dir": str(self.run_dir)})
+            self.state = TrainingState(run_id=uuid.uuid4().hex, base_model_path=str(base.resolve()))
+            load_from = base
+        dtype = getattr(torch, cfg.dtype)
+        self.policy, self.processor = load_model_and_processor(load_from, dtype, cfg.device)
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference, _ = load_model_and_processor(base, dtype, cfg.device)
+            self.reference.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+            betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        )
+        tasks = load_tasks(cfg.datasets)
+        self.image_roots = {item.task.id: root for item, root in tasks}
+        self.feeder = TaskFeeder(tasks, cfg.epochs, cfg.seed, self.state.run_id, self.state.feeder)
+        total_steps = cfg.max_steps or max(1, math.ceil(self.feeder.total / cfg.groups_per_step))
+        self.scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], self.optimizer, cfg.warmup_steps, total_steps)
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(torch_state["optimizer"])
+            self.scheduler.load_state_dict(torch_state["scheduler"])
+            restore_rng_states(torch_state["rng"])
+        self.trained_ids = dict.fromkeys(self.state.trained_group_ids)  # insertion-ordered set
+        self.pixels = PixelCache(self._pixel_inputs)
+        self.step_config = StepConfig(
+            loss=LossConfig(
+                clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
+                beta=cfg.beta, kl_ratio_weighted=cfg.kl_ratio_weighted, normalization=cfg.normalization,
+                tis_cap=cfg.tis_cap, max_completion_len=settings.rollout.max_new_tokens,
+            ),
+            micro_batch_groups=cfg.micro_batch_groups, grad_clip=cfg.grad_clip, adv_std=cfg.adv_std,
+            adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance, old_logprobs=cfg.old_logprobs,
+        )
+        self.telemetry = telemetry or Telemetry("learner")
+        self.client = connect_redis(settings.redis)
+        queues = settings.queues
+        self.tasks_queue = StreamQueue(self.client, queues.tasks_stream, queues, metrics=self.telemetry.queue)
+        self.trajectories = StreamQueue(
+            self.client, queues.trajectories_stream, queues, group="learner",
+            consumer=f"learner-{settings.run_name}", metrics=self.telemetry.queue,
+        )
+        self.log_path = self.run_dir / "metrics.jsonl"
+        self._checkpointed_step = self.state.step if checkpoint is not None else -1
+        self.telemetry.weights.policy_version.labels("learner").set(self.state.policy_version)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
+        """Pixel values and grid of the group's task image, from the model's own image processor."""
+        image = open_image(resolve_image(Path(self.image_roots[group.task.id]), group.task.image))
+        encoded = self.processor.image_processor(images=[image], return_tensors="pt")
+        return encoded["pixel_values"].to(self.cfg.device), encoded["image_grid_thw"].to(self.cfg.device)
+
+    def _group_problem(self, group: TrajectoryGroup) -> str | None:
+        """Why a group cannot be replayed on this model, or None when it can."""
+        if group.task.id not in self.image_roots:
+            return f"unknown task {group.task.id!r}: not in learner.datasets"
+        if len(group.rollouts) < 2:
+            return f"group {group.group_id!r} has {len(group.rollouts)} rollout(s); GRPO needs >= 2"
+        total = sum(visual_tokens_per_image(self.policy, self.pixels.get(group)[1]))
+        placeholder = int(self.policy.config.image_token_id)
+        for rollout in group.rollouts:
+            placeholders = rollout.prompt_token_ids.count(placeholder)
+            if rollout.visual_tokens_total != total or placeholders not in (total, rollout.visual_tokens_kept):
+                return (f"rollout {rollout.rollout_index}: visual_tokens_total={rollout.visual_tokens_total} and "
+                        f"{placeholders} placeholders do not fit the image's {total} visual tokens")
+        return None
+
+    # ------------------------------------------------------------------------------------------ collecting
+    def _drained(self, pending: int) -> bool:
+        """Every task of every epoch is enqueued and has come back as a trained or dropped group."""
+        return self.feeder.exhausted and self.state.groups_done + pending >= self.feeder.position.enqueued
+
+    def _admit(self, entry: Entry, batch: Batch) -> None:
+        try:
+            group = decode(TrajectoryGroup, entry.payload, self.settings.queues.codec)
+        except DecodeError as error:
+            self.trajectories.dead_letter(entry, f"undecodable: {error}")
+            batch.turned_away["undecodable"] += 1
+            return
+        if group.group_id in self.trained_ids or any(g.group_id == group.group_id for g in batch.groups):
+            self.trajectories.ack([entry])
+            batch.turned_away["duplicate"] += 1
+            return
+        try:
+            fresh = bool(filter_stale(torch.tensor([group.policy_version]), self.state.policy_version,
+                                      self.cfg.max_staleness)[0])
+            problem = self._group_problem(group)
+        except (ValueError, OSError) as error:
+            fresh, problem = True, str(error)
+        if problem is not None:
+            self.trajectories.dead_letter(entry, f"unusable group: {problem}")
+            batch.turned_away["unusable"] += 1
+        elif not fresh:
+            self.trajectories.ack([entry])
+            self.state.groups_done += 1
+            self.telemetry.learner.stale_groups_dropped.inc()
+            batch.turned_away["stale"] += 1
+        else:
+            batch.groups.append(group)
+            batch.entries.append(entry)
+
+    def collect_batch(self) -> Batch:
+        """Block until groups_per_step usable groups arrive (fewer at the end of the data or on idle timeout)."""
+        batch, idle_since = Batch(), time.monotonic()
+        while len(batch.groups) < self.cfg.groups_per_step:
+            self.feeder.fill(self.tasks_queue, self.cfg.task_queue_fill, self.settings.queues.codec)
+            entries = self.trajectories.consume(self.cfg.groups_per_step - len(batch.groups))
+            if entries:
+                idle_since = time.monotonic()
+                for entry in entries:
+                    self._admit(entry, batch)
+                continue
+            if self._drained(len(batch.groups)):
+                break
+            if self.cfg.idle_timeout_s and time.monotonic() - idle_since > self.cfg.idle_timeout_s:
+                log.warning("no trajectory groups arrived", extra={"idle_s": self.cfg.idle_timeout_s})
+                break
+        return batch
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def train_on(self, batch: Batch) -> dict[str, object]:
+        """One optimizer step on the batch; ack it, publish and checkpoint on cadence; return the log record."""
+        lags = [self.state.policy_version - group.policy_version for group in batch.groups]
+        started = time.perf_counter()
+        metrics = grpo_step(self.policy, self.reference, self.optimizer, self.scheduler, batch.groups,
+                            self.pixels, self.step_config)
+        step_s = time.perf_counter() - started
+        self.trajectories.ack(batch.entries)
+        self.state.step += 1
+        self.state.groups_done += len(batch.groups)
+        self.trained_ids.update(dict.fromkeys(group.group_id for group in batch.groups))
+        record: dict[str, object] = {
+            "step": self.state.step, "time": time.time(), "step_seconds": step_s, **metrics,
+            **rollout_statistics(batch.groups), "staleness_mean": sum(lags) / len(lags), "staleness_max": max(lags),
+            "turned_away": dict(batch.turned_away), "epoch": self.feeder.position.epoch,
+        }
+        if self.state.step % self.cfg.publish_every == 0:
+            record["publish_seconds"] = self.publish()
+        if self.state.step % self.cfg.checkpoint_every == 0:
+            record["checkpoint_seconds"] = self.checkpoint()
+        record["policy_version"] = self.state.policy_version
+        self._report(record, lags)
+        return record
+
+    def publish(self) -> float:
+        """Publish the current policy as the next weight version; returns the seconds it took."""
+        version, timings = publish_policy(
+            self.policy, self.processor, staging=self.run_dir / "publish-staging", weights_root=self.weights_root,
+            version=self.state.policy_version + 1, learner_step=self.state.step, client=self.client,
+            run_name=self.settings.run_name, keep_versions=self.cfg.keep_weight_versions,
+        )
+        self.state.policy_version = version.version
+        self.telemetry.weights.policy_version.labels("learner").set(version.version)
+        self.telemetry.weights.bytes_published.inc(version.num_bytes)
+        return timings.total_s
+
+    def checkpoint(self) -> float:
+        """Write a checkpoint of the current step; returns the seconds it took."""
+        started = time.perf_counter()
+        self.state.feeder = self.feeder.position.model_copy()
+        self.state.trained_group_ids = list(self.trained_ids)
+        save_checkpoint(self.run_dir, self.policy, self.processor, self.optimizer, self.scheduler, self.state,
+                        keep=self.cfg.keep_checkpoints)
+        self._checkpointed_step = self.state.step
+        return time.perf_counter() - started
+
+    def _report(self, record: dict[str, object], lags: list[int]) -> None:
+        with self.log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        learner = self.telemetry.learner
+        learner.steps.inc()
+        learner.step_seconds.observe(float(record["step_seconds"]))
+        for part in ("loss", "policy_loss", "kl_penalty"):
+            learner.loss.labels(part).set(float(record[part]))
+        learner.kl.set(float(record.get("kl_mean", 0.0)))
+        learner.clip_fraction.set(float(record["clip_fraction"]))
+        learner.grad_norm.set(float(record["grad_norm"]))
+        learner.zero_variance_groups.inc(float(record["zero_variance_groups"]))
+        for budget, value in record["accuracy_by_budget"].items():
+            learner.accuracy.labels(budget).set(value)
+        for budget, value in record["reduction_ratio_by_budget"].items():
+            learner.reduction_ratio.labels(budget).set(value)
+        for lag in lags:
+            learner.policy_version_lag.observe(lag)
+        log.info(
+            f"step {record['step']} loss={record['loss']:.4f} kl={record.get('kl_mean', 0.0):.4g} "
+            f"reward={record['reward_total']:.3f} acc={record['accuracy']:.3f} "
+            f"reduction={record['reduction_ratio']:.3f} grad_norm={record['grad_norm']:.3g} "
+            f"version={record['policy_version']} step_s={record['step_seconds']:.2f}"
+        )
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> dict[str, object]:
+        """Train until max_steps, the end of the epochs, or the idle timeout; checkpoint at the end."""
+        records: list[dict[str, object]] = []
+        while self.cfg.max_steps is None or self.state.step < self.cfg.max_steps:
+            batch = self.collect_batch()
+            if not batch.groups:
+                break
+            records.append(self.train_on(batch))
+        if self.state.step != self._checkpointed_step and self.state.step > 0:
+            self.checkpoint()
+        summary = {"steps": self.state.step, "policy_version": self.state.policy_version,
+                   "groups_trained": len(self.trained_ids), "run_dir": str(self.run_dir),
+                   "losses": [record["loss"] for record in records]}
+        log.info("training finished", extra=summary | {"losses": None})
+        return summary
+
+    def close(self) -> None:
+        """Release the Redis connection."""
+        self.client.close()
