@@ -13,7 +13,13 @@ from string import ascii_uppercase
 
 import regex
 
-from reward_server.rewards.numbers import NumberParseError, find_numbers, numbers_match, parse_number
+from reward_server.rewards.numbers import (
+    NumberParseError,
+    first_number,
+    last_number,
+    numbers_match,
+    parse_number,
+)
 from reward_server.rewards.text import AnswerSpan, extract_answer_span, normalize_text
 from services.schemas.models import AnswerType
 
@@ -22,7 +28,8 @@ _POLARITY = {"yes": True, "true": True, "y": True, "no": False, "false": False, 
 _POLARITY_IN_TEXT = {"yes": True, "true": True, "no": False, "false": False}
 
 # "B", "(B)", "[B]", "B.", "B)", "b:", "Option B", "choice (c)".
-_BARE_LETTER = regex.compile(r"^(?:option|choice)?\s*[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:)]?$", regex.I)
+# Case-insensitive only around the words: under IGNORECASE [A-Za-z] would also match "İ", "ſ" or "K" (Kelvin).
+_BARE_LETTER = regex.compile(r"^(?:(?i:option|choice))?\s*[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:)]?$")
 # A letter that opens the span and is followed by more text: "(B) red circle", "B. red", "B because ...".
 _LEADING_LETTER = regex.compile(
     r"^(?:(?i:option|choice)\s*)?(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?:[.:)]|\s)|([a-z])[.:)])\s*(.*)$", regex.S
@@ -70,13 +77,12 @@ def check_number(completion: str, reference: str, rel_tol: float, abs_tol: float
     except NumberParseError as error:
         raise InvalidReferenceError("answer", str(error)) from error
     span = extract_answer_span(completion)
-    values = find_numbers(span.text)
-    if not values and span.source == "last_line":
-        values = find_numbers(completion)
-    if not values:
-        return CheckResult(False, None)
     # After "the answer is" the number comes first; elsewhere the conclusion is the last number.
-    given = values[0] if span.source == "marker" else values[-1]
+    given = first_number(span.text) if span.source == "marker" else last_number(span.text)
+    if given is None and span.source == "last_line":
+        given = last_number(completion)
+    if given is None:
+        return CheckResult(False, None)
     return CheckResult(numbers_match(given, expected, rel_tol, abs_tol), _format_number(given))
 
 

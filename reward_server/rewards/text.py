@@ -20,9 +20,12 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _ASCII_PUNCTUATION = str.maketrans({**{char: " " for char in string.punctuation}, "'": None, "`": None})
 
 # Where a completion states its answer, most explicit first; the last occurrence of each wins.
-_ANSWER_TAG = regex.compile(r"<answer>(.*?)</answer>", regex.S | regex.I)
+# Each pattern matches a short stretch, so finding the last occurrence stays linear on a 64 KiB completion
+# (a lazy "<answer>(.*?)</answer>" is quadratic when a completion holds many openings and no closing).
+_TAG_OPEN = regex.compile(r"<answer>", regex.I)
+_TAG_CLOSE = regex.compile(r"</answer>", regex.I)
 _BOXED = regex.compile(r"\\boxed\{([^{}]*)\}")
-_MARKER = regex.compile(r"\banswer\s*(?:is|:|=)\s*:?[ \t]*([^\n]*)", regex.I)
+_MARKER = regex.compile(r"\banswer\s*(?:is|:|=)\s*:?[ \t]*", regex.I)
 # A marker span ends at the first sentence end, so "The answer is B. Red is..." reads "B".
 _SENTENCE_END = regex.compile(r"[.!?;](?:\s|$)|\n")
 
@@ -60,24 +63,41 @@ def _normalize(text: str) -> str:
     return " ".join([word for word in words if word not in _ARTICLES] or words)
 
 
-def _last_match(pattern: regex.Pattern, text: str) -> str | None:
+def _last_match(pattern: regex.Pattern, text: str, endpos: int | None = None) -> regex.Match | None:
     last = None
-    for match in pattern.finditer(text):
+    for match in pattern.finditer(text, 0, len(text) if endpos is None else endpos):
         last = match
-    return None if last is None else last.group(1)
+    return last
+
+
+def _tagged(completion: str) -> str | None:
+    """The text inside the last <answer>...</answer> pair."""
+    closing = _last_match(_TAG_CLOSE, completion)
+    opening = None if closing is None else _last_match(_TAG_OPEN, completion, closing.start())
+    return None if opening is None or closing is None else completion[opening.end() : closing.start()]
+
+
+def _after_marker(completion: str) -> str | None:
+    """The rest of the line after the last 'answer is' / 'answer:' / 'answer =', up to its sentence end."""
+    marker = _last_match(_MARKER, completion)
+    if marker is None:
+        return None
+    line_end = completion.find("\n", marker.end())
+    rest = completion[marker.end() : len(completion) if line_end == -1 else line_end]
+    end = _SENTENCE_END.search(rest)
+    return rest if end is None else rest[: end.start()]
 
 
 def extract_answer_span(completion: str) -> AnswerSpan:
     """The answer part of a completion: <answer> tag, \\boxed{}, 'answer is/:', else the last line."""
-    tagged = _last_match(_ANSWER_TAG, completion)
+    tagged = _tagged(completion)
     if tagged is not None:
         return AnswerSpan(tagged.strip(), "tag")
     boxed = _last_match(_BOXED, completion)
     if boxed is not None:
-        return AnswerSpan(boxed.strip(), "boxed")
-    marked = _last_match(_MARKER, completion)
+        return AnswerSpan(boxed.group(1).strip(), "boxed")
+    marked = _after_marker(completion)
     if marked is not None and marked.strip():
-        end = _SENTENCE_END.search(marked)
-        return AnswerSpan((marked if end is None else marked[: end.start()]).strip(), "marker")
+        return AnswerSpan(marked.strip(), "marker")
     lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
     return AnswerSpan(lines[-1] if lines else "", "last_line")

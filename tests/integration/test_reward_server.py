@@ -189,6 +189,12 @@ BAD_REQUESTS = [
         422,
         "items.0.required_format",
     ),
+    (
+        "format_regex_unrolls_to_gigabytes",
+        json.dumps({"items": [item(required_format="a{1000000000}")]}).encode(),
+        422,
+        "items.0.required_format",
+    ),
     ("too_many_items", json.dumps({"items": [item()] * 101}).encode(), 413, "items"),
     ("future_schema", json.dumps({"schema_version": 99, "items": [item()]}).encode(), 422, "schema_version"),
 ]

@@ -65,6 +65,36 @@ def test_answer_span_priority() -> None:
     assert extract_answer_span("Answer: 4\nmore text").text == "4"
     assert extract_answer_span("Question: what is the answer? Answer: B. Red.").text == "B"
     assert extract_answer_span("first\n\nlast\n").source == "last_line"
+    assert extract_answer_span("The answer is not A, the answer is B").text == "B"
+    assert extract_answer_span("<answer>x</answer> <ANSWER>y</Answer>").text == "y"
+    assert extract_answer_span("<answer>open <answer>inner</answer>").text == "inner"
+    assert extract_answer_span("The answer is\n\n42").text == "42"
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<answer>" * 8000,
+        "</answer>" * 7000,
+        "\\boxed{" * 9000,
+        "answer is " * 6500,
+        "1," * 32000,
+        "one hundred and " * 4000,
+        "minus " * 10000,
+        " " * 65000,
+        "(B) " * 16000,
+        "yes " * 16000,
+    ],
+)
+def test_pathological_long_completions_are_read_without_error(completion: str) -> None:
+    for answer_type, reference in [
+        (AnswerType.EXACT, "red"),
+        (AnswerType.NUMBER, "3"),
+        (AnswerType.CHOICE, "B"),
+        (AnswerType.YES_NO, "yes"),
+    ]:
+        result = check_answer(completion[:65_536], reference, answer_type, CHOICES)
+        assert isinstance(result.correct, bool)
 
 
 def test_unicode_normalization() -> None:

@@ -17,6 +17,7 @@ from reward_server.rewards import (
     score_item,
     score_items,
 )
+from reward_server.rewards.formats import expansion_bound
 from services.schemas.models import AnswerType, ScoreItem
 from services.settings.models import RewardSettings
 
@@ -59,6 +60,37 @@ def test_format_reward() -> None:
 def test_catastrophic_format_pattern_times_out() -> None:
     with pytest.raises(FormatPatternError, match="ran longer than"):
         format_reward("x" * 5000, r"(x+x+)+y", 0.01)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "bound"),
+    [
+        ("abc", 3),
+        ("a{3}", 4 * 4),
+        ("a{2,5}", 6 * 6),
+        ("a{2,}", 5 * 3),
+        ("(?:a{10}){10}", 13 * 11 * 11),
+        (r"\{ 7 }", 6 * 8),  # counted even where the parser reads a literal: over-counting is the safe side
+        ("x{e<=1}", 7),
+    ],
+)
+def test_expansion_bound(pattern: str, bound: int) -> None:
+    assert expansion_bound(pattern) == bound
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "a{1000000000}",
+        "(?:(?:a{100}){100}){100}",
+        "a{99999999999999999999}",
+        "\\N{{1000000000}",
+        "a{" + "9" * 5000 + "}",
+    ],
+)
+def test_patterns_that_unroll_to_gigabytes_are_refused_before_compiling(pattern: str) -> None:
+    with pytest.raises(FormatPatternError, match="too large"):
+        format_reward("a", pattern, 0.05)
 
 
 def _item(**overrides: object) -> ScoreItem:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from reward_server.rewards.numbers import NumberParseError, find_numbers, parse_number, words_value
+from reward_server.rewards.numbers import (
+    NumberParseError,
+    find_numbers,
+    first_number,
+    last_number,
+    parse_number,
+    words_value,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,6 +37,11 @@ from reward_server.rewards.numbers import NumberParseError, find_numbers, parse_
         ("minus three", [-3.0]),
         ("two million", [2_000_000.0]),
         ("3 cats and 2 dogs", [3.0, 2.0]),
+        ("(-3)", [-3.0]),
+        ("x-3", [3.0]),
+        ("-.5", [-0.5]),
+        ("1.-2", [1.0, 2.0]),
+        ("hundred " * 4000, []),  # grows past 1e18: refused, not an OverflowError (regression: a 500)
         ("\U0001e5f1 \u0663", []),  # digits of other scripts (regression: float() refused one, a 500)
         ("someone often done", []),
         ("tenth", []),
@@ -51,3 +63,10 @@ def test_parse_number_needs_exactly_one() -> None:
 def test_words_value_refuses_non_number_words() -> None:
     with pytest.raises(NumberParseError, match="'apple'"):
         words_value("three apple")
+
+
+def test_first_and_last_number() -> None:
+    text = "I see 2 circles, then three squares; 1/0 and 1e999 are no numbers"
+    assert first_number(text) == 2.0
+    assert last_number(text) == 3.0
+    assert first_number("none here") is None and last_number("") is None
