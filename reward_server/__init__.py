@@ -1,0 +1,1 @@
+"""The reward server: scores rollouts (correctness, visual-token savings, format) over HTTP."""
