@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from pydantic import SecretStr
 from tqdm import tqdm
 
@@ -81,18 +82,26 @@ async def client_loop(send: Callable[[], Awaitable[None]], stop_at: float, laten
         latencies.append(time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 async def run_clients(
-    send: Callable[[], Awaitable[None]], clients: int, seconds: float
-) -> tuple[list, float]:
-    """`clients` concurrent loops for `seconds`, after a 0.5 s warm-up; returns latencies and elapsed time."""
+    send: Callable[[], Awaitable[None]], clients: int, seconds: float, server_pid: int
+) -> tuple[list, float, float]:
+    """`clients` concurrent loops for `seconds`, after a 0.5 s warm-up: latencies, elapsed, server CPU s."""
     await asyncio.gather(*(client_loop(send, time.perf_counter() + 0.5, []) for _ in range(clients)))
     latencies: list[float] = []
-    started = time.perf_counter()
+    cpu_before, started = cpu_seconds(server_pid), time.perf_counter()
     await asyncio.gather(*(client_loop(send, started + seconds, latencies) for _ in range(clients)))
-    return latencies, time.perf_counter() - started
+    return latencies, time.perf_counter() - started, cpu_seconds(server_pid) - cpu_before
 
 
-async def measure(url: str, token: str, batch: int, clients: int, seconds: float, via: str) -> dict:
+async def measure(
+    url: str, token: str, batch: int, clients: int, seconds: float, via: str, server_pid: int
+) -> dict:
     """Items/s and latency percentiles at one batch size, sent raw (pre-encoded JSON) or via RewardClient."""
     items = make_items(batch)
     if via == "RewardClient":
@@ -102,7 +111,7 @@ async def measure(url: str, token: str, batch: int, clients: int, seconds: float
             async def send() -> None:
                 await client.score(items)
 
-            latencies, elapsed = await run_clients(send, clients, seconds)
+            latencies, elapsed, server_cpu = await run_clients(send, clients, seconds, server_pid)
     else:
         body = ScoreRequest(items=items).model_dump_json().encode()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -114,7 +123,7 @@ async def measure(url: str, token: str, batch: int, clients: int, seconds: float
                 if response.status_code != 200:
                     raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
 
-            latencies, elapsed = await run_clients(send, clients, seconds)
+            latencies, elapsed, server_cpu = await run_clients(send, clients, seconds, server_pid)
     lat_ms = np.array(latencies) * 1e3
     return {
         "via": via,
@@ -127,6 +136,9 @@ async def measure(url: str, token: str, batch: int, clients: int, seconds: float
         "p50_ms": float(np.percentile(lat_ms, 50)),
         "p99_ms": float(np.percentile(lat_ms, 99)),
         "max_ms": float(lat_ms.max()),
+        # Server CPU per request is what the server itself costs, whatever else shares the machine.
+        "server_cpu_ms_per_request": server_cpu * 1e3 / len(latencies),
+        "items_per_server_cpu_s": len(latencies) * batch / server_cpu if server_cpu > 0 else float("nan"),
     }
 
 
@@ -170,7 +182,7 @@ def main() -> None:
     server = start_server(port, token)
     try:
         rows = [
-            asyncio.run(measure(url, token, batch, args.clients, seconds, via))
+            asyncio.run(measure(url, token, batch, args.clients, seconds, via, server.pid))
             for via, batch in tqdm(cases, desc="cases")
         ]
     finally:
@@ -186,6 +198,8 @@ def main() -> None:
         "p50_ms",
         "p99_ms",
         "max_ms",
+        "server_cpu_ms_per_request",
+        "items_per_server_cpu_s",
     ]
     print_table(
         f"reward server, {args.clients} concurrent clients, {seconds:g} s per case (1 uvicorn worker)",
@@ -204,7 +218,13 @@ def main() -> None:
         print(
             f"goal at batch 64: >= {GOAL_ITEMS_PER_S} items/s and p99 < {GOAL_P99_MS} ms -> {'met' if met else 'NOT met'}"
         )
-    payload = {"load_average_1m_before": load_before, "seconds_per_case": seconds, "rows": rows, "goal": goal}
+    payload = {
+        "load_average_1m_before": load_before,
+        "load_average_1m_after": os.getloadavg()[0],
+        "seconds_per_case": seconds,
+        "rows": rows,
+        "goal": goal,
+    }
     print(f"wrote {save_results('reward_server', payload)}")
 
 
