@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from services.settings import add_settings_arguments, settings_from_args
 from services.settings.models import Settings
@@ -26,16 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_training(settings: Settings, resume: bool) -> dict[str, object]:
+def run_training(
+    settings: Settings, resume: bool, on_step: Callable[[dict[str, object]], None] | None = None
+) -> dict[str, object]:
     """Build the trainer, serve /metrics if configured, train, and return the run summary."""
+    from transformers.utils import logging as transformers_logging
+
     from learner.trainer import Trainer  # torch/transformers load here, inside the actor, not in the driver
 
+    transformers_logging.disable_progress_bar()  # one save_pretrained bar per publish would drown the step log
     log = configure_logging(settings.telemetry, "learner")
     telemetry = Telemetry("learner")
     if settings.telemetry.metrics_port:
         port = telemetry.serve(settings.telemetry.metrics_host, settings.telemetry.metrics_port)
         log.info("serving metrics", extra={"port": port})
-    trainer = Trainer(settings, resume=resume, telemetry=telemetry)
+    trainer = Trainer(settings, resume=resume, telemetry=telemetry, on_step=on_step)
     log.info("learner started", extra={"run_dir": str(trainer.run_dir), "step": trainer.state.step,
                                        "policy_version": trainer.state.policy_version, "resume": resume})
     try:
@@ -45,23 +50,46 @@ def run_training(settings: Settings, resume: bool) -> dict[str, object]:
 
 
 class TrainerActor:
-    """The Ray actor around run_training (wrapped with ray.remote at launch, with the configured resources)."""
+    """The Ray actor around run_training (wrapped with ray.remote at launch, with the configured resources).
+
+    It runs with max_concurrency=2, so the driver can ask for progress while `run` is busy.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, object]] = []
 
     def run(self, settings: Settings, resume: bool) -> dict[str, object]:
         """Train to the end inside the actor."""
-        return run_training(settings, resume)
+        return run_training(settings, resume, on_step=self.records.append)
+
+    def progress(self, since: int) -> list[dict[str, object]]:
+        """Step records from index `since` on."""
+        return self.records[since:]
 
 
-def run_in_ray(settings: Settings, resume: bool) -> dict[str, object]:
-    """Start the trainer actor on the cluster (or a local Ray) and wait for its summary."""
+def run_in_ray(settings: Settings, resume: bool, poll_s: float = 2.0) -> dict[str, object]:
+    """Start the trainer actor on the cluster (or a local Ray), print its progress, return its summary.
+
+    The driver prints each step itself: actor output is forwarded to the driver asynchronously and can
+    miss the job log's tail when the driver exits, while the driver's own lines always land in it.
+    """
     import ray
+
+    from learner.progress import format_step
 
     ray.init(log_to_driver=True)
     try:
-        actor_class = ray.remote(num_cpus=settings.learner.ray_num_cpus,
-                                 num_gpus=settings.learner.ray_num_gpus)(TrainerActor)
+        actor_class = ray.remote(num_cpus=settings.learner.ray_num_cpus, num_gpus=settings.learner.ray_num_gpus,
+                                 max_concurrency=2)(TrainerActor)
         actor = actor_class.options(name=f"learner-{settings.run_name}").remote()
-        return ray.get(actor.run.remote(settings, resume))
+        finished, printed = actor.run.remote(settings, resume), 0
+        while True:
+            done, _ = ray.wait([finished], timeout=poll_s)
+            for record in ray.get(actor.progress.remote(printed)):
+                print(f"progress: {format_step(record)}", flush=True)
+                printed += 1
+            if done:
+                return ray.get(finished)
     finally:
         ray.shutdown()
 

@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,15 @@ from transformers import get_scheduler
 
 from learner.algorithms import LossConfig, filter_stale
 from learner.batching import rollout_statistics
-from learner.checkpoint import TrainingState, latest_checkpoint, load_training_state, restore_rng_states, save_checkpoint
+from learner.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_training_state,
+    restore_rng_states,
+    save_checkpoint,
+)
 from learner.feeder import TaskFeeder, load_tasks
+from learner.progress import format_step
 from learner.publishing import publish_policy
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
@@ -66,8 +74,12 @@ class Batch:
 class Trainer:
     """Owns the policy, the frozen reference, the optimizer and the run's streams, checkpoints and log."""
 
-    def __init__(self, settings: Settings, *, resume: bool = False, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, resume: bool = False, telemetry: Telemetry | None = None,
+        on_step: Callable[[dict[str, object]], None] | None = None,
+    ) -> None:
         self.settings, self.cfg = settings, settings.learner
+        self.on_step = on_step
         cfg = self.cfg
         self.run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name)
         self.weights_root = Path(cfg.weights_root or self.run_dir / "weights")
@@ -266,12 +278,9 @@ class Trainer:
             learner.reduction_ratio.labels(budget).set(value)
         for lag in lags:
             learner.policy_version_lag.observe(lag)
-        log.info(
-            f"step {record['step']} loss={record['loss']:.4f} kl={record.get('kl_mean', 0.0):.4g} "
-            f"reward={record['reward_total']:.3f} acc={record['accuracy']:.3f} "
-            f"reduction={record['reduction_ratio']:.3f} grad_norm={record['grad_norm']:.3g} "
-            f"version={record['policy_version']} step_s={record['step_seconds']:.2f}"
-        )
+        log.info(format_step(record))
+        if self.on_step is not None:
+            self.on_step(record)
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> dict[str, object]:

@@ -1,0 +1,98 @@
+"""Pure batching helpers: padding, micro-batch loss scaling, per-group advantages, rollout statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.algorithms import LossConfig, group_advantages, grpo_loss
+from learner.batching import (
+    micro_batch_scale,
+    micro_batches,
+    pad_rows,
+    rollout_statistics,
+    step_advantages,
+)
+from learner.recorded import recorded_reward
+from services.schemas import Budget, Rollout, Task, TrajectoryGroup
+
+TASK = Task(id="t", image="i.png", question="q?", answer="3", answer_type="number")
+
+
+def make_group(rewards: list[float], group_id: str = "g", kept: list[int] | None = None) -> TrajectoryGroup:
+    rollouts = [
+        Rollout(task_id="t", rollout_index=i, budget=Budget(kind="keep_ratio", value=1.0 if i % 2 else 0.5),
+                prompt_token_ids=[1, 2], completion_token_ids=[5] * (i + 1), completion_logprobs=[-0.5] * (i + 1),
+                completion_text="x", kept_indices=kept or [0, 1], visual_tokens_kept=len(kept or [0, 1]),
+                visual_tokens_total=4, policy_version=0)
+        for i in range(len(rewards))
+    ]
+    breakdowns = [recorded_reward(r > 0, 0.5).model_copy(update={"total": r}) for r in rewards]
+    return TrajectoryGroup(group_id=group_id, task=TASK, rollouts=rollouts, rewards=breakdowns, policy_version=0,
+                           worker_id="w")
+
+
+def test_pad_rows_pads_right_masks_and_keeps_gradients() -> None:
+    rows = [torch.tensor([1.0, 2.0], requires_grad=True), torch.zeros(0), torch.tensor([3.0])]
+    padded, mask = pad_rows(rows, width=3)
+    assert padded.tolist() == [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0]]
+    assert mask.tolist() == [[True, True, False], [False, False, False], [True, False, False]]
+    padded.sum().backward()
+    assert rows[0].grad.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="width=1"):
+        pad_rows(rows, width=1)
+
+
+def test_micro_batches_cover_every_group_once() -> None:
+    assert micro_batches(5, 2) == [range(2), range(2, 4), range(4, 5)]
+    assert micro_batches(0, 3) == []
+    with pytest.raises(ValueError, match="groups_per_micro_batch"):
+        micro_batches(3, 0)
+
+
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "group_token_mean", "sum_over_max_len"])
+@pytest.mark.parametrize("groups_per_micro_batch", [1, 2, 3])
+def test_scaled_micro_batch_losses_add_up_to_the_whole_batch(normalization: str, groups_per_micro_batch: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    num_groups, group_size, width = 3, 4, 6
+    rows = num_groups * group_size
+    logits = torch.randn(rows, width, generator=generator, requires_grad=True)
+    old = torch.randn(rows, width, generator=generator).clamp(max=0) - 0.1
+    ref = torch.randn(rows, width, generator=generator).clamp(max=0) - 0.1
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    mask = torch.arange(width)[None] < lengths[:, None]
+    advantages = torch.randn(rows, generator=generator)
+    config = LossConfig(normalization=normalization, max_completion_len=width, beta=0.1, tis_cap=None)
+
+    whole = grpo_loss(-logits.exp(), old, advantages, mask, config, ref_logprobs=ref, group_size=group_size)
+    (whole_grad,) = torch.autograd.grad(whole.loss, logits)
+
+    total = torch.zeros(())
+    total_tokens = float(mask.sum())
+    for chunk in micro_batches(num_groups, groups_per_micro_batch):
+        sl = slice(chunk.start * group_size, chunk.stop * group_size)
+        part = grpo_loss(-logits[sl].exp(), old[sl], advantages[sl], mask[sl], config, ref_logprobs=ref[sl],
+                         group_size=group_size, total_tokens=total_tokens)
+        total = total + part.loss * micro_batch_scale(normalization, sl.stop - sl.start, rows, len(chunk),
+                                                      num_groups)
+    (parts_grad,) = torch.autograd.grad(total, logits)
+    assert torch.allclose(total, whole.loss, atol=1e-6)
+    assert torch.allclose(parts_grad, whole_grad, atol=1e-6)
+
+
+def test_step_advantages_normalize_each_group_alone() -> None:
+    groups = [make_group([1.0, 0.0, 1.0, 0.0], "a"), make_group([2.0, 2.0], "b"), make_group([0.0, 1.5, 3.0], "c")]
+    advantages, keep, zero_variance = step_advantages(groups, std="unbiased", eps=1e-4, drop_zero_variance=True)
+    assert advantages.shape == keep.shape == (9,)
+    expected_a = group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]])).advantages
+    assert torch.equal(advantages[:4], expected_a)
+    assert advantages[4:6].tolist() == [0.0, 0.0] and keep.tolist() == [True] * 4 + [False] * 2 + [True] * 3
+    assert zero_variance == 1
+    assert advantages[6:].sum().abs() < 1e-6 and advantages[8] > 0
+
+
+def test_rollout_statistics_split_accuracy_and_reduction_by_budget() -> None:
+    stats = rollout_statistics([make_group([1.0, 0.0, 1.0, 0.0], kept=[0])])
+    assert stats["accuracy_by_budget"] == {"r=0.5": 1.0, "r=1": 0.0}
+    assert stats["reduction_ratio_by_budget"] == {"r=0.5": 0.75, "r=1": 0.75}
+    assert stats["accuracy"] == 0.5 and stats["reward_total"] == 0.5 and stats["completion_length"] == 2.5
