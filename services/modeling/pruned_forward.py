@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,16 +68,21 @@ def embed_full_sequence(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     image_grid_thw: torch.Tensor,
+    text_tail: int = 0,
 ) -> MultimodalSequence:
     """Embed one unpruned sequence with its image(s) and compute its M-RoPE positions.
 
     input_ids: (1, L) with N image placeholders; pixel_values: (patches, C*T*P*P); image_grid_thw: (images, 3).
+    The last ``text_tail`` tokens (a completion) are text even where they equal the image token: a
+    sampled ``<|image_pad|>`` is an ordinary token embedding in vLLM too.
     """
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
     core = model.model
     placeholder_id = image_token_id(model)
     image_mask = input_ids == placeholder_id
+    if text_tail:
+        image_mask[:, -text_tail:] = False
     total = sum(visual_tokens_per_image(model, image_grid_thw))
     placeholders = int(image_mask.sum())
     if placeholders != total:
@@ -145,14 +151,15 @@ def pruned_completion_logits(
             f"completion_length={completion_length} must lie in [1, {input_ids.shape[1] - 1}]"
         )
     total = sum(visual_tokens_per_image(model, image_grid_thw))
-    placeholders = int((input_ids == image_token_id(model)).sum())
+    prompt_ids, completion_ids = input_ids[:, :-completion_length], input_ids[:, -completion_length:]
+    placeholders = int((prompt_ids == image_token_id(model)).sum())
     if placeholders not in (total, len(kept_indices)):
         raise KeepSetError(
-            f"input_ids hold {placeholders} image placeholders; expected {total} (the image's visual "
+            f"the prompt holds {placeholders} image placeholders; expected {total} (the image's visual "
             f"tokens) or {len(kept_indices)} (len(kept_indices))"
         )
-    full_ids = expand_placeholders(input_ids, image_token_id(model), total)
-    sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw)
+    full_ids = torch.cat([expand_placeholders(prompt_ids, image_token_id(model), total), completion_ids], dim=1)
+    sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw, text_tail=completion_length)
     inputs_embeds, position_ids, _ = prune_sequence(sequence, kept_indices)
     logits = decoder_logits(model, inputs_embeds, position_ids).float()
     # The token at pruned row j is predicted by row j-1; the completion is text after the image, so it
@@ -178,3 +185,33 @@ def pruned_completion_logprobs(
     )
     logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def image_inputs(processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values (patches, C*T*P*P) and image_grid_thw (1, 3) of one image, as the HF processor makes them."""
+    encoded = processor.image_processor(images=[image], return_tensors="pt")
+    return encoded["pixel_values"], encoded["image_grid_thw"]
+
+
+def replay_logprobs(
+    model: torch.nn.Module,
+    processor: Any,
+    image: Any,
+    prompt_token_ids: Sequence[int],
+    completion_token_ids: Sequence[int],
+    kept_indices: Sequence[int],
+) -> torch.Tensor:
+    """Training log-probs of a recorded rollout (e.g. a wire ``Rollout``): (len(completion),), differentiable."""
+    if not completion_token_ids:
+        raise ValueError("completion_token_ids is empty: nothing to score")
+    pixel_values, image_grid_thw = image_inputs(processor, image)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prompt_token_ids) + list(completion_token_ids)], device=device)
+    return pruned_completion_logprobs(
+        model,
+        input_ids,
+        pixel_values.to(device),
+        image_grid_thw.to(device),
+        kept_indices,
+        len(completion_token_ids),
+    )

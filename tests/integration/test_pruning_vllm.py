@@ -20,7 +20,11 @@ import torch
 from PIL import Image
 
 from services.modeling import build_prompt, build_tiny_model, load_model_and_processor
-from services.modeling.pruned_forward import pruned_completion_logits, pruned_completion_logprobs
+from services.modeling.pruned_forward import (
+    pruned_completion_logits,
+    pruned_completion_logprobs,
+    replay_logprobs,
+)
 from services.rollout.pruned import PrunedRequest, engine_request, pruned_rollouts
 from services.schemas.models import Budget
 from services.sparsity import KeepSetError
@@ -131,11 +135,10 @@ def test_vllm_logprobs_match_the_training_forward_at_every_keep_ratio(hf: tuple,
         total = rollout.visual_tokens_total
         assert rollout.visual_tokens_kept == max(1, math.ceil(request.budget.value * total - 1e-9))
         assert rollout.engine_prompt_token_ids.count(model.config.image_token_id) == rollout.visual_tokens_kept
-        ids, pixel_values, grid = _training_inputs(processor, request, rollout)
+        wire = rollout.to_wire(task_id="t", rollout_index=0, policy_version=0)  # what the learner receives
         with torch.no_grad():
-            recomputed = pruned_completion_logprobs(
-                model, ids, pixel_values, grid, rollout.kept_indices, len(rollout.completion_token_ids)
-            )
+            recomputed = replay_logprobs(model, processor, request.image, wire.prompt_token_ids,
+                                         wire.completion_token_ids, wire.kept_indices)
         delta = (recomputed - torch.tensor(rollout.completion_logprobs)).abs()
         deltas[request.budget.value].extend(delta.tolist())
     report = {r: (max(d), sum(d) / len(d)) for r, d in deltas.items()}
