@@ -27,10 +27,57 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
+from services.data.build import build_part
 from services.data.digits import DigitGridSpec
 from services.data.scenes import SceneSpec
 from services.modeling import TinyModelSpec, build_tiny_model, count_parameters, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer, training_inputs
+
+
+class TrainPart(BaseModel):
+    """One slice of the training data: a task family at one image size, with its own question mix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str = Field(description="'scenes' or 'digits'.")
+    image_size: int = Field(description="Image side in px.")
+    items: int = Field(ge=1, description="Items in this part.")
+    question_mix: dict[str, float] = Field(description="Relative weight of each question kind.")
+    grid_size: int = Field(4, ge=1, description="Digit grid side (digits only).")
+    min_objects: int = Field(2, ge=1, description="Fewest shapes (scenes only).")
+    max_objects: int = Field(4, ge=1, description="Most shapes (scenes only).")
+
+    @property
+    def name(self) -> str:
+        """Split name on disk, e.g. 'train' for the full-size part, 'train-56' for 56-px images."""
+        return "train" if self.image_size == 224 else f"train-{self.image_size}"
+
+    def specs(self) -> tuple[SceneSpec | None, DigitGridSpec | None]:
+        """The generator spec of this part's family."""
+        if self.family == "scenes":
+            return SceneSpec(image_size=self.image_size, min_objects=self.min_objects,
+                             max_objects=self.max_objects, question_mix=self.question_mix), None
+        return None, DigitGridSpec(image_size=self.image_size, grid_size=self.grid_size,
+                                   question_mix=self.question_mix)
+
+
+_DENSE_SCENES = {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 2.0}
+_DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
+
+# A curriculum by image size: on a 56-px image one object or digit fills the picture, and a model from
+# scratch learns to see it within ~50 steps; on 224-px images with a small object it sits on the
+# answer prior for hundreds of steps. The 56/112-px parts use the same 56-px cells as the 224-px
+# tasks, so what is learned there transfers.
+DEFAULT_TRAIN_PARTS: tuple[TrainPart, ...] = (
+    TrainPart(family="scenes", image_size=56, items=2000, min_objects=1, max_objects=1,
+              question_mix={"colour": 1.0, "shape": 1.0, "count": 1.0, "list_objects": 1.0}),
+    TrainPart(family="scenes", image_size=112, items=3000, min_objects=1, max_objects=3,
+              question_mix=_DENSE_SCENES),
+    TrainPart(family="scenes", image_size=224, items=6000, question_mix=_DENSE_SCENES),
+    TrainPart(family="digits", image_size=56, items=3000, grid_size=1, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=112, items=3000, grid_size=2, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=224, items=6000, grid_size=4, question_mix=_DENSE_DIGITS),
+)
 
 
 class SFTConfig(BaseModel):
@@ -41,58 +88,52 @@ class SFTConfig(BaseModel):
     out: Path = Field(description="Checkpoint folder to write.")
     data_dir: Path = Field(Path("assets/tasks"), description="Task folder (one subfolder per family).")
     seed: int = Field(0, description="Seed of data generation, init, shuffling.")
-    train_items: int = Field(8000, ge=1, description="Train items per family (generated when missing).")
+    train_parts: tuple[TrainPart, ...] = Field(DEFAULT_TRAIN_PARTS, description="Training data curriculum.")
     val_items: int = Field(100, ge=1, description="Validation items per family.")
     test_items: int = Field(200, ge=1, description="Test items per family.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     steps: int = Field(1500, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of greedy evaluation.")
     keep_ratios: tuple[float, ...] = Field((0.5, 0.25, 0.125), description="Pruned-eval keep ratios.")
     pruned_eval_items: int = Field(200, ge=0, description="Test items per family in the pruned eval.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest on a shared 2-core box).")
-    train_scene_mix: dict[str, float] = Field(
-        default_factory=lambda: {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 4.0},
-        description="Question mix of the scenes train split (dense 'list_objects' teaches seeing).",
-    )
-    train_digit_mix: dict[str, float] = Field(
-        default_factory=lambda: {"digit_at": 3.0, "is_digit": 1.0, "read_grid": 4.0},
-        description="Question mix of the digits train split (dense 'read_grid' teaches seeing).",
-    )
 
 
-def split_recipe(config: SFTConfig, family: str, split: str) -> dict:
-    """What a split is generated from; a split on disk made from another recipe is regenerated."""
-    sizes = {"train": config.train_items, "val": config.val_items, "test": config.test_items}
-    recipe: dict = {"family": family, "split": split, "seed": config.seed, "items": sizes[split]}
-    if split == "train":
-        recipe["question_mix"] = config.train_scene_mix if family == "scenes" else config.train_digit_mix
-    return recipe
+def _up_to_date(recipe_path: Path, jsonl_path: Path, recipe: dict) -> bool:
+    current = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
+    return current == recipe and jsonl_path.is_file()
 
 
-def ensure_splits(config: SFTConfig) -> dict[str, dict[str, Path]]:
-    """Generate each split whose recipe file is missing or differs; return family -> split -> JSONL path."""
-    sizes = SplitSizes(train=config.train_items, val=config.val_items, test=config.test_items)
-    paths: dict[str, dict[str, Path]] = {}
+def ensure_splits(config: SFTConfig) -> tuple[list[Path], dict[str, dict[str, Path]]]:
+    """Generate each split or train part whose recipe differs; return (train JSONLs, family -> eval splits)."""
+    sizes = SplitSizes(train=1, val=config.val_items, test=config.test_items)
+    eval_paths: dict[str, dict[str, Path]] = {}
     for family in TASK_FAMILIES:
         family_dir = config.data_dir / family
-        paths[family] = {}
-        for split in ("train", "val", "test"):
-            recipe = split_recipe(config, family, split)
-            recipe_path = family_dir / f"{split}.recipe.json"
+        eval_paths[family] = {}
+        for split in ("val", "test"):
+            recipe = {"family": family, "split": split, "seed": config.seed, "items": getattr(sizes, split)}
             jsonl_path = family_dir / f"{split}.jsonl"
-            current = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
-            if current != recipe or not jsonl_path.is_file():
-                mix = recipe.get("question_mix")
-                scene_spec = SceneSpec(question_mix=mix) if mix and family == "scenes" else None
-                digit_spec = DigitGridSpec(question_mix=mix) if mix and family == "digits" else None
+            if not _up_to_date(family_dir / f"{split}.recipe.json", jsonl_path, recipe):
                 shutil.rmtree(family_dir / "images" / split, ignore_errors=True)
-                build_family(family, config.data_dir, config.seed, sizes, scene_spec, digit_spec, (split,))
-                recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
-            paths[family][split] = jsonl_path
-    return paths
+                build_family(family, config.data_dir, config.seed, sizes, splits=(split,))
+                (family_dir / f"{split}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+            eval_paths[family][split] = jsonl_path
+    train_paths = []
+    for part in config.train_parts:
+        family_dir = config.data_dir / part.family
+        recipe = {"seed": config.seed, **part.model_dump()}
+        jsonl_path = family_dir / f"{part.name}.jsonl"
+        if not _up_to_date(family_dir / f"{part.name}.recipe.json", jsonl_path, recipe):
+            shutil.rmtree(family_dir / "images" / part.name, ignore_errors=True)
+            scene_spec, digit_spec = part.specs()
+            build_part(part.family, config.data_dir, part.name, part.items, config.seed, scene_spec, digit_spec)
+            (family_dir / f"{part.name}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        train_paths.append(jsonl_path)
+    return train_paths, eval_paths
 
 
 def learning_rate_at(step: int, config: SFTConfig) -> float:
@@ -202,8 +243,8 @@ def run(config: SFTConfig) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    paths = ensure_splits(config)
-    train_items = [item for family in TASK_FAMILIES for item in load_dataset(paths[family]["train"])]
+    train_paths, paths = ensure_splits(config)
+    train_items = [item for path in train_paths for item in load_dataset(path)]
     # Answers stand alone, as they follow "assistant\n" in the prompt (no leading space).
     corpus = [text for it in train_items for text in (it.task.question, it.task.answer)]
     data_s = time.perf_counter() - started
@@ -238,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + name.replace("_", "-")
         if name == "keep_ratios":
             parser.add_argument(flag, type=float, nargs="*", help=field.description)
-        elif name.endswith("_mix"):
-            parser.add_argument(flag, type=json.loads, help=field.description + " (JSON object)")
+        elif name == "train_parts":
+            continue
         else:
             parser.add_argument(flag, type=str, required=field.is_required(), help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

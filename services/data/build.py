@@ -51,6 +51,28 @@ def build_family(
     return written
 
 
+def build_part(
+    family: str,
+    out_dir: str | Path,
+    name: str,
+    count: int,
+    seed: int = 0,
+    scene_spec: SceneSpec | None = None,
+    digit_spec: DigitGridSpec | None = None,
+) -> Path:
+    """Generate a named extra training part (e.g. 'train-56', small images) from the train digit pool."""
+    if family not in TASK_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
+    if name in ("val", "test"):
+        raise ValueError(f"part name={name!r} would overwrite an evaluation split")
+    rng = np.random.default_rng(split_seed(seed, name, _FAMILY_SALT[family]))
+    if family == "scenes":
+        items = generate_scenes(rng, scene_spec or SceneSpec(), name, count)
+    else:
+        items = generate_digit_grids(rng, digit_spec or DigitGridSpec(), name, count, pool="train")
+    return write_split(items, Path(out_dir) / family, name, total=count, label=family)
+
+
 def build_all(
     out_dir: str | Path,
     seed: int = 0,

@@ -110,11 +110,11 @@ def ask_question(
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
 
 
-def generate_digit_grids(rng: np.random.Generator, spec: DigitGridSpec, split: str, count: int) -> Iterator[
-    tuple[Task, Image.Image]
-]:
-    """Yield `count` (task, image) pairs of the digit-grid family for one split, from that split's pool."""
-    pool_images, pool_labels = digit_pool(split)
+def generate_digit_grids(
+    rng: np.random.Generator, spec: DigitGridSpec, split: str, count: int, pool: str | None = None
+) -> Iterator[tuple[Task, Image.Image]]:
+    """Yield `count` (task, image) pairs for one split, drawing digits from `pool` (default: the split's)."""
+    pool_images, pool_labels = digit_pool(pool or split)
     kinds = list(spec.question_mix)
     weights = np.array([spec.question_mix[kind] for kind in kinds], dtype=float)
     for index in range(count):

@@ -32,7 +32,7 @@ class SceneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: int = Field(224, ge=112, description="Canvas side in px (a multiple of 56).")
+    image_size: int = Field(224, ge=56, description="Canvas side in px (a multiple of 56).")
     min_objects: int = Field(2, ge=1, description="Fewest shapes in a scene.")
     max_objects: int = Field(4, ge=1, description="Most shapes in a scene (at most the number of colours).")
     question_mix: dict[str, float] = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,10 +16,11 @@ SPLITS = ("train", "val", "test")
 
 
 def split_seed(seed: int, split: str, salt: int) -> list[int]:
-    """Entropy for one split of one task family, so splits never share a random stream."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}")
-    return [seed, SPLITS.index(split), salt]
+    """Entropy for one split (or named training part) of one family, so no two share a random stream."""
+    if not split or not split.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"split={split!r} must be a non-empty name of letters, digits, '-' and '_'")
+    code = SPLITS.index(split) if split in SPLITS else zlib.crc32(split.encode())
+    return [seed, code, salt]
 
 
 def write_split(

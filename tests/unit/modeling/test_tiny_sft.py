@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from learner.sft import SFTConfig, ensure_splits, learning_rate_at
-from services.data import load_dataset
+from learner.sft import SFTConfig, TrainPart, ensure_splits, learning_rate_at
+from services.data import load_dataset, open_image
 
 
 def test_schedule_warms_up_then_decays_to_five_percent() -> None:
@@ -19,18 +18,24 @@ def test_schedule_warms_up_then_decays_to_five_percent() -> None:
     assert learning_rate_at(100, config) == pytest.approx(5e-5)
 
 
-def test_splits_are_generated_once_and_regenerated_when_their_recipe_changes(tmp_path: Path) -> None:
-    config = SFTConfig(out=tmp_path / "m", data_dir=tmp_path / "tasks", train_items=4, val_items=2, test_items=3,
-                       train_digit_mix={"read_grid": 1.0})
-    paths = ensure_splits(config)
-    assert [len(load_dataset(paths["digits"][s])) for s in ("train", "val", "test")] == [4, 2, 3]
-    assert all(item.task.question.startswith("Read") for item in load_dataset(paths["digits"]["train"]))
-    test_mtime = paths["digits"]["test"].stat().st_mtime_ns
-    ensure_splits(config)
-    assert paths["digits"]["test"].stat().st_mtime_ns == test_mtime
-    changed = config.model_copy(update={"train_digit_mix": {"digit_at": 1.0}})
-    ensure_splits(changed)
-    assert all(item.task.question.startswith("What digit") for item in load_dataset(paths["digits"]["train"]))
-    recipe = json.loads((tmp_path / "tasks" / "digits" / "train.recipe.json").read_text())
-    assert recipe["question_mix"] == {"digit_at": 1.0}
-    assert paths["digits"]["test"].stat().st_mtime_ns == test_mtime
+def _config(tmp_path: Path, mix: dict[str, float]) -> SFTConfig:
+    parts = (TrainPart(family="digits", image_size=56, grid_size=1, items=4, question_mix=mix),
+             TrainPart(family="scenes", image_size=224, items=3, question_mix={"list_objects": 1.0}))
+    return SFTConfig(out=tmp_path / "m", data_dir=tmp_path / "tasks", train_parts=parts, val_items=2,
+                     test_items=3)
+
+
+def test_train_parts_and_eval_splits_are_generated_once_and_redone_on_recipe_change(tmp_path: Path) -> None:
+    train_paths, eval_paths = ensure_splits(_config(tmp_path, {"read_grid": 1.0}))
+    assert [p.name for p in train_paths] == ["train-56.jsonl", "train.jsonl"]
+    small = load_dataset(train_paths[0])
+    assert len(small) == 4 and all(item.task.question.startswith("Read") for item in small)
+    assert open_image(small[0].image_path).size == (56, 56)
+    assert [len(load_dataset(eval_paths["digits"][s])) for s in ("val", "test")] == [2, 3]
+    stamps = {p: p.stat().st_mtime_ns for p in [*train_paths, eval_paths["digits"]["test"]]}
+    ensure_splits(_config(tmp_path, {"read_grid": 1.0}))
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    ensure_splits(_config(tmp_path, {"digit_at": 1.0}))
+    assert all(item.task.question.startswith("What digit") for item in load_dataset(train_paths[0]))
+    assert train_paths[1].stat().st_mtime_ns == stamps[train_paths[1]]
+    assert eval_paths["digits"]["test"].stat().st_mtime_ns == stamps[eval_paths["digits"]["test"]]
