@@ -15,6 +15,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from learner.checkpoint import latest_checkpoint
+from learner.feeder import TaskFeeder, load_tasks
 from learner.recorded import prepare_recorded_run
 from learner.trainer import Trainer
 from rollout_worker.weights import WeightWatcher
@@ -173,3 +174,20 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, redis_s
     for key in ("loss", "kl_mean", "grad_norm", "lr", "policy_version"):
         assert resumed_v4[key] == straight_v4[key], key
     resumed.close()
+
+
+def test_feeder_fills_to_its_bound_and_a_restarted_feeder_enqueues_nothing_twice(redis_settings, recorded) -> None:
+    _model_dir, dataset, _groups = recorded
+    queues = QueueSettings()
+    queue = StreamQueue(connect_redis(redis_settings), queues.tasks_stream, queues)
+    tasks = load_tasks([dataset])
+    feeder = TaskFeeder(tasks, epochs=2, seed=0, run_id="run-a")
+    assert feeder.fill(queue, target=5) == 5 and queue.depth() == 5
+    checkpointed = feeder.position.model_copy()
+    assert feeder.fill(queue, target=8) == 3  # enqueued after the last checkpoint, then the learner dies
+
+    restarted = TaskFeeder(tasks, epochs=2, seed=0, run_id="run-a", position=checkpointed)
+    assert restarted.fill(queue, target=100) == 8 and restarted.exhausted
+    messages = [decode(TaskMessage, fields[b"p"]) for _id, fields in queue.client.xrange(queues.tasks_stream)]
+    assert len(messages) == 16 == len({(message.epoch, message.task.id) for message in messages})
+    assert TaskFeeder(tasks, epochs=1, seed=0, run_id="run-b").fill(queue, target=100) == 8  # a new run

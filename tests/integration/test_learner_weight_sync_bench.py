@@ -1,0 +1,24 @@
+"""bench/weight_sync.py --quick runs end to end (real redis-server, real worker processes) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_weight_sync_bench_quick_mode_measures_every_phase(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/weight_sync.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "weight_sync.json").read_text())
+    assert [row["case"] for row in result["rows"]][0] == "tiny model"
+    for row in result["rows"]:
+        assert row["bytes"] > 0 and row["memcpy_GBps"] > 0
+        assert row["end_to_end_s"] >= row["save_s"] + row["copy_hash_s"] > 0
+        assert row["end_to_end_over_memcpy"] > 1  # nothing beats moving the bytes once through memory
