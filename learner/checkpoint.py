@@ -40,7 +40,11 @@ class TrainingState(BaseModel):
     base_model_path: str = Field(description="The model the run started from (the frozen KL reference).")
     feeder: FeederPosition = Field(default_factory=FeederPosition)
     groups_done: int = Field(0, ge=0, description="Groups trained or dropped as stale.")
-    trained_group_ids: list[str] = Field(default_factory=list, description="Group ids already trained on.")
+    groups_trained: int = Field(0, ge=0, description="Groups trained on.")
+    trained_groups: dict[str, int] = Field(
+        default_factory=dict,
+        description="Group id -> its policy version, for the groups trained within the staleness bound (dedup).",
+    )
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -82,7 +82,8 @@ class Trainer:
         self.on_step = on_step
         cfg = self.cfg
         self.run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name)
-        self.weights_root = Path(cfg.weights_root or self.run_dir / "weights")
+        # Absolute: the announced uri must resolve in workers that run elsewhere.
+        self.weights_root = Path(cfg.weights_root or self.run_dir / "weights").resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         configure_determinism(cfg.seed, cfg.deterministic)
         if cfg.torch_threads:
@@ -116,7 +117,7 @@ class Trainer:
             self.optimizer.load_state_dict(torch_state["optimizer"])
             self.scheduler.load_state_dict(torch_state["scheduler"])
             restore_rng_states(torch_state["rng"])
-        self.trained_ids = dict.fromkeys(self.state.trained_group_ids)  # insertion-ordered set
+        self.trained_ids = dict(self.state.trained_groups)  # group id -> the version that made it
         self.pixels = PixelCache(self._pixel_inputs)
         self.step_config = StepConfig(
             loss=LossConfig(
@@ -224,7 +225,8 @@ class Trainer:
         self.trajectories.ack(batch.entries)
         self.state.step += 1
         self.state.groups_done += len(batch.groups)
-        self.trained_ids.update(dict.fromkeys(group.group_id for group in batch.groups))
+        self.state.groups_trained += len(batch.groups)
+        self.trained_ids.update({group.group_id: group.policy_version for group in batch.groups})
         record: dict[str, object] = {
             "step": self.state.step, "time": time.time(), "step_seconds": step_s, **metrics,
             **rollout_statistics(batch.groups), "staleness_mean": sum(lags) / len(lags), "staleness_max": max(lags),
@@ -235,8 +237,15 @@ class Trainer:
         if self.state.step % self.cfg.checkpoint_every == 0:
             record["checkpoint_seconds"] = self.checkpoint()
         record["policy_version"] = self.state.policy_version
+        self._forget_stale_ids()
         self._report(record, lags)
         return record
+
+    def _forget_stale_ids(self) -> None:
+        # A redelivered group this old is dropped as stale anyway, so dedup needs only the fresh ids: the set
+        # stays bounded by max_staleness versions' worth of groups however long the run.
+        oldest = self.state.policy_version - self.cfg.max_staleness
+        self.trained_ids = {gid: version for gid, version in self.trained_ids.items() if version >= oldest}
 
     def publish(self) -> float:
         """Publish the current policy as the next weight version; returns the seconds it took."""
@@ -254,7 +263,7 @@ class Trainer:
         """Write a checkpoint of the current step; returns the seconds it took."""
         started = time.perf_counter()
         self.state.feeder = self.feeder.position.model_copy()
-        self.state.trained_group_ids = list(self.trained_ids)
+        self.state.trained_groups = dict(self.trained_ids)
         save_checkpoint(self.run_dir, self.policy, self.processor, self.optimizer, self.scheduler, self.state,
                         keep=self.cfg.keep_checkpoints)
         self._checkpointed_step = self.state.step
@@ -294,7 +303,7 @@ class Trainer:
         if self.state.step != self._checkpointed_step and self.state.step > 0:
             self.checkpoint()
         summary = {"steps": self.state.step, "policy_version": self.state.policy_version,
-                   "groups_trained": len(self.trained_ids), "run_dir": str(self.run_dir),
+                   "groups_trained": self.state.groups_trained, "run_dir": str(self.run_dir),
                    "losses": [record["loss"] for record in records]}
         log.info("training finished", extra=summary | {"losses": None})
         return summary

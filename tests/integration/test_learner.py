@@ -111,34 +111,36 @@ def test_learner_steps_publish_weights_that_a_worker_loads(tmp_path: Path, redis
 
 def test_duplicate_stale_and_unusable_groups_are_turned_away(tmp_path: Path, redis_settings, recorded) -> None:
     _model_dir, _dataset, groups = recorded
-    settings = make_settings(redis_settings, tmp_path / "run-turned-away", recorded, max_steps=2, max_staleness=0,
+    settings = make_settings(redis_settings, tmp_path / "run-turned-away", recorded, max_steps=3, max_staleness=1,
                              beta=0.0)
-    trajectories = put_groups(settings, groups[:2])
+    trajectories = put_groups(settings, [groups[0], groups[1], at_version(groups[2], 1), at_version(groups[3], 1)])
     trainer = Trainer(settings)
-    trainer.cfg.max_steps = 1
-    assert trainer.run()["steps"] == 1 and trainer.state.policy_version == 1
+    trainer.cfg.max_steps = 2
+    assert trainer.run()["steps"] == 2 and trainer.state.policy_version == 2
+    assert set(trainer.trained_ids) == {groups[2].group_id, groups[3].group_id}  # v0 ids aged out of dedup
 
     unknown = TrajectoryGroup.model_validate(
-        {**groups[2].model_dump(), "group_id": "unknown-task",
-         "task": {**groups[2].task.model_dump(), "id": "not-in-dataset"},
-         "rollouts": [{**r.model_dump(), "task_id": "not-in-dataset"} for r in groups[2].rollouts]}
+        {**groups[6].model_dump(), "group_id": "unknown-task",
+         "task": {**groups[6].task.model_dump(), "id": "not-in-dataset"},
+         "rollouts": [{**r.model_dump(), "task_id": "not-in-dataset"} for r in groups[6].rollouts]}
     )
     trajectories.put_many([
-        encode(groups[0]),  # already trained
-        encode(groups[2]),  # made by v0; the learner is at v1 and max_staleness is 0
-        encode(at_version(groups[3], 5)),  # from a version the learner never published
-        encode(at_version(unknown, 1)),
+        encode(groups[0]),  # trained at v0; the learner is at v2 and max_staleness is 1: stale, not retrained
+        encode(at_version(groups[2], 1)),  # trained at v1, still fresh: a duplicate
+        encode(at_version(groups[7], 5)),  # from a version the learner never published
+        encode(at_version(unknown, 2)),
         b"not a trajectory group",
-        encode(at_version(groups[4], 1)), encode(at_version(groups[5], 1)),
+        encode(at_version(groups[4], 2)), encode(at_version(groups[5], 2)),
     ])
-    trainer.cfg.max_steps = 2
-    assert trainer.run()["steps"] == 2
+    trainer.cfg.max_steps = 3
+    assert trainer.run()["steps"] == 3
     last = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["turned_away"] == {"duplicate": 1, "stale": 1, "unusable": 2, "undecodable": 1}
-    assert last["staleness_max"] == 0
+    assert last["staleness_max"] == 0 and last["groups"] == 2
     reasons = sorted(dead.reason.split(":")[0] for dead in trajectories.dead_letters())
     assert reasons == ["undecodable", "unusable group", "unusable group"]
     assert any("ahead of learner" in dead.reason for dead in trajectories.dead_letters())
+    assert any("not-in-dataset" in dead.reason for dead in trajectories.dead_letters())
     assert trajectories.depth() == 0
     trainer.close()
 

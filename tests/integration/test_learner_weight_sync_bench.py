@@ -17,7 +17,7 @@ def test_weight_sync_bench_quick_mode_measures_every_phase(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "weight_sync.json").read_text())
-    assert [row["case"] for row in result["rows"]][0] == "tiny model"
+    assert result["rows"][0]["case"] == "tiny model"
     for row in result["rows"]:
         assert row["bytes"] > 0 and row["memcpy_GBps"] > 0
         assert row["end_to_end_s"] >= row["save_s"] + row["copy_hash_s"] > 0

@@ -43,7 +43,7 @@ def test_checkpoint_round_trips_state_optimizer_and_rng(tmp_path: Path, tiny) ->
     optimizer, scheduler = trained_optimizer(model)
     state = TrainingState(run_id="r1", step=7, policy_version=3, base_model_path="/base",
                           feeder=FeederPosition(epoch=1, index=4, enqueued=20), groups_done=9,
-                          trained_group_ids=["g1", "g2"])
+                          groups_trained=2, trained_groups={"g1": 2, "g2": 3})
     folder = save_checkpoint(tmp_path, model, processor, optimizer, scheduler, state)
     expected = (random.random(), float(np.random.rand()), torch.rand(3))
 
