@@ -68,6 +68,7 @@ def qwen2vl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
         llm.llm_engine.engine_core.shutdown()
 
 
+@pytest.mark.slow  # a second engine start; Qwen2-VL is the secondary model family
 def test_qwen2vl_pruned_logprobs_match_the_training_forward(qwen2vl: tuple) -> None:
     model, processor, llm = qwen2vl
     images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (196, 308, 3), dtype=np.uint8))
