@@ -95,11 +95,34 @@ def _micro_batch_loss(
     )
 
 
+def all_reduce_step(params: Sequence[torch.nn.Parameter], sums: dict[str, float], maxima: dict[str, float]) -> None:
+    """Sum gradients and metric parts over the process group (in place); maxima take the max."""
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+    names = sorted(sums)
+    packed = torch.tensor([sums[name] for name in names], dtype=torch.float64)
+    dist.all_reduce(packed)
+    sums.update(zip(names, packed.tolist(), strict=True))
+    names = sorted(maxima)
+    packed = torch.tensor([maxima[name] for name in names], dtype=torch.float64)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    maxima.update(zip(names, packed.tolist(), strict=True))
+
+
 def grpo_step(
     policy: torch.nn.Module, reference: torch.nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: Any,
-    groups: Sequence[TrajectoryGroup], pixels: PixelCache, config: StepConfig,
+    groups: Sequence[TrajectoryGroup], pixels: PixelCache, config: StepConfig, *, rank: int = 0, world_size: int = 1,
 ) -> dict[str, float]:
-    """Advantages -> per-micro-batch loss and backward -> clip -> optimizer and scheduler step; returns metrics."""
+    """Advantages -> per-micro-batch loss and backward -> clip -> optimizer and scheduler step; returns metrics.
+
+    With world_size > 1 (torch.distributed initialized), rank r takes micro-batches r, r+W, ...; every loss is
+    already scaled by whole-step totals, so summing gradients over ranks gives the single-process gradient,
+    and every rank then takes the same optimizer step.
+    """
     advantages, keep, zero_variance = step_advantages(
         groups, std=config.adv_std, eps=config.adv_eps, drop_zero_variance=config.drop_zero_variance
     )
@@ -113,9 +136,10 @@ def grpo_step(
     total_tokens = float(sum(len(flat[i].completion_token_ids) for i in kept_rows))
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "kl_penalty": 0.0}
-    means: dict[str, float] = {}
-    maxima: dict[str, float] = {}
-    for chunk in micro_batches(len(kept_groups), config.micro_batch_groups):
+    means: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)
+    maxima: dict[str, float] = dict.fromkeys(("logprob_diff_max", "is_ratio_max"), float("-inf"))
+    present: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)  # which optional diagnostics the loss gave
+    for chunk in micro_batches(len(kept_groups), config.micro_batch_groups)[rank::world_size]:
         chunk_groups = [kept_groups[i] for i in chunk]
         rows, row_ids = [], []
         for g in chunk_groups:
@@ -138,11 +162,21 @@ def grpo_step(
         for name in _TOKEN_MEANS:
             value = getattr(result, name)
             if value is not None:
-                means[name] = means.get(name, 0.0) + float(value) * tokens / max(total_tokens, 1.0)
-        for name in ("logprob_diff_max", "is_ratio_max"):
+                means[name] += float(value) * tokens / max(total_tokens, 1.0)
+                present[name] = 1.0
+        for name, so_far in maxima.items():
             if getattr(result, name) is not None:
-                maxima[name] = max(maxima.get(name, float("-inf")), float(getattr(result, name)))
+                maxima[name] = max(so_far, float(getattr(result, name)))
     params = [p for p in policy.parameters() if p.requires_grad]
+    if world_size > 1:
+        flags = {f"present:{name}": value for name, value in present.items()}
+        merged = {**sums, **means, **flags}
+        all_reduce_step(params, merged, maxima)
+        sums = {name: merged[name] for name in sums}
+        present = {name: merged[f"present:{name}"] for name in present}
+        means = {name: value for name, value in merged.items() if name in means}
+    means = {name: value for name, value in means.items() if present[name] > 0}
+    maxima = {name: value for name, value in maxima.items() if value > float("-inf")}
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
     finite = torch.isfinite(torch.tensor(grad_norm)) and all(torch.isfinite(torch.tensor(v)) for v in sums.values())
     if finite:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from services.settings import add_settings_arguments, settings_from_args
 from services.settings.models import Settings
@@ -27,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_training(
-    settings: Settings, resume: bool, on_step: Callable[[dict[str, object]], None] | None = None
+    settings: Settings, resume: bool, on_step: Callable[[dict[str, object]], None] | None = None,
+    rank: int = 0, world_size: int = 1,
 ) -> dict[str, object]:
     """Build the trainer, serve /metrics if configured, train, and return the run summary."""
     from transformers.utils import logging as transformers_logging
@@ -37,10 +40,10 @@ def run_training(
     transformers_logging.disable_progress_bar()  # one save_pretrained bar per publish would drown the step log
     log = configure_logging(settings.telemetry, "learner")
     telemetry = Telemetry("learner")
-    if settings.telemetry.metrics_port:
+    if settings.telemetry.metrics_port and rank == 0:
         port = telemetry.serve(settings.telemetry.metrics_host, settings.telemetry.metrics_port)
         log.info("serving metrics", extra={"port": port})
-    trainer = Trainer(settings, resume=resume, telemetry=telemetry, on_step=on_step)
+    trainer = Trainer(settings, resume=resume, telemetry=telemetry, on_step=on_step, rank=rank, world_size=world_size)
     log.info("learner started", extra={"run_dir": str(trainer.run_dir), "step": trainer.state.step,
                                        "policy_version": trainer.state.policy_version, "resume": resume})
     try:
@@ -94,6 +97,53 @@ def run_in_ray(settings: Settings, resume: bool, poll_s: float = 2.0) -> dict[st
         ray.shutdown()
 
 
+def train_worker(config: dict[str, object]) -> None:
+    """One Ray Train worker: its rank of the data-parallel trainer (torch.distributed is set up by Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    settings: Settings = config["settings"]
+    if settings.learner.ray_num_gpus > 0:
+        settings.learner.device = str(ray.train.torch.get_device())
+    rank = context.get_world_rank()
+    summary = run_training(settings, bool(config["resume"]), rank=rank, world_size=context.get_world_size())
+    # Ray Train keeps only metrics that come with a checkpoint: rank 0 attaches a one-file one (the summary);
+    # the model checkpoints themselves stay in the run dir, written by the trainer.
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            (Path(folder) / "summary.json").write_text(json.dumps(summary))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(summary, checkpoint=checkpoint)
+
+
+def run_in_ray_train(settings: Settings, resume: bool) -> dict[str, object]:
+    """Run learner.num_workers data-parallel trainer ranks as a Ray Train worker group; rank 0's summary."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(log_to_driver=True)
+    try:
+        cfg = settings.learner
+        use_gpu = cfg.ray_num_gpus > 0
+        resources = {"CPU": cfg.ray_num_cpus, **({"GPU": cfg.ray_num_gpus} if use_gpu else {})}
+        run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name).resolve()
+        trainer = TorchTrainer(
+            train_worker, train_loop_config={"settings": settings, "resume": resume},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name="ray_train", storage_path=str(run_dir)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return dict(result.metrics or {})
+    finally:
+        ray.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, load settings, train; print the summary as JSON on the last line."""
     args = build_parser().parse_args(argv)
@@ -101,7 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_ray:
         settings.learner.use_ray = False
     configure_logging(settings.telemetry, "learner")
-    summary = run_in_ray(settings, args.resume) if settings.learner.use_ray else run_training(settings, args.resume)
+    if not settings.learner.use_ray:
+        summary = run_training(settings, args.resume)
+    elif settings.learner.num_workers > 1:
+        summary = run_in_ray_train(settings, args.resume)
+    else:
+        summary = run_in_ray(settings, args.resume)
     print(json.dumps({"summary": summary}), flush=True)
     return 0
 

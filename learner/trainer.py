@@ -76,10 +76,13 @@ class Trainer:
 
     def __init__(
         self, settings: Settings, *, resume: bool = False, telemetry: Telemetry | None = None,
-        on_step: Callable[[dict[str, object]], None] | None = None,
+        on_step: Callable[[dict[str, object]], None] | None = None, rank: int = 0, world_size: int = 1,
     ) -> None:
         self.settings, self.cfg = settings, settings.learner
         self.on_step = on_step
+        # Data parallel (Ray Train): every rank holds the model and steps; only rank 0 talks to the streams,
+        # publishes, checkpoints and logs.
+        self.rank, self.world_size, self.is_leader = rank, world_size, rank == 0
         cfg = self.cfg
         self.run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name)
         # Absolute: the announced uri must resolve in workers that run elsewhere.
@@ -220,8 +223,10 @@ class Trainer:
         lags = [self.state.policy_version - group.policy_version for group in batch.groups]
         started = time.perf_counter()
         metrics = grpo_step(self.policy, self.reference, self.optimizer, self.scheduler, batch.groups,
-                            self.pixels, self.step_config)
+                            self.pixels, self.step_config, rank=self.rank, world_size=self.world_size)
         step_s = time.perf_counter() - started
+        if not self.is_leader:
+            return self._follow(batch)
         self.trajectories.ack(batch.entries)
         self.state.step += 1
         self.state.groups_done += len(batch.groups)
@@ -240,6 +245,22 @@ class Trainer:
         self._forget_stale_ids()
         self._report(record, lags)
         return record
+
+    def _follow(self, batch: Batch) -> dict[str, object]:
+        """A follower rank's bookkeeping after a step: the counters the leader keeps, without the I/O."""
+        self.state.step += 1
+        self.state.groups_trained += len(batch.groups)
+        if self.state.step % self.cfg.publish_every == 0:
+            self.state.policy_version += 1
+        return {"step": self.state.step}
+
+    def _broadcast_groups(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
+        """Rank 0's groups on every rank."""
+        import torch.distributed as dist
+
+        holder: list[object] = [groups if self.is_leader else None]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def _forget_stale_ids(self) -> None:
         # A redelivered group this old is dropped as stale anyway, so dedup needs only the fresh ids: the set
@@ -296,15 +317,17 @@ class Trainer:
         """Train until max_steps, the end of the epochs, or the idle timeout; checkpoint at the end."""
         records: list[dict[str, object]] = []
         while self.cfg.max_steps is None or self.state.step < self.cfg.max_steps:
-            batch = self.collect_batch()
+            batch = self.collect_batch() if self.is_leader else Batch()
+            if self.world_size > 1:
+                batch.groups = self._broadcast_groups(batch.groups)
             if not batch.groups:
                 break
             records.append(self.train_on(batch))
-        if self.state.step != self._checkpointed_step and self.state.step > 0:
+        if self.is_leader and self.state.step != self._checkpointed_step and self.state.step > 0:
             self.checkpoint()
         summary = {"steps": self.state.step, "policy_version": self.state.policy_version,
                    "groups_trained": self.state.groups_trained, "run_dir": str(self.run_dir),
-                   "losses": [record["loss"] for record in records]}
+                   "losses": [record["loss"] for record in records if "loss" in record], "rank": self.rank}
         log.info("training finished", extra=summary | {"losses": None})
         return summary
 

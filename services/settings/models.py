@@ -184,6 +184,9 @@ class LearnerSettings(StrictModel):
     use_ray: bool = Field(True, description="Run the trainer in a Ray actor (False: in this process).")
     ray_num_cpus: float = Field(1.0, gt=0, description="CPUs the trainer actor reserves.")
     ray_num_gpus: float = Field(0.0, ge=0, description="GPUs the trainer actor reserves.")
+    num_workers: int = Field(
+        1, ge=1, description="Data-parallel Ray Train workers (gradients all-reduced); 1 runs one Ray actor."
+    )
 
 
 class Settings(StrictModel):

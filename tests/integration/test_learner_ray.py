@@ -19,11 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from learner.recorded import prepare_recorded_run
+from learner.trainer import Trainer
 from services.queues import StreamQueue, connect_redis
 from services.schemas import encode
-from services.settings import QueueSettings
+from services.settings import QueueSettings, load_settings
 from services.weights import latest_weight_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +96,7 @@ class RayHead:
         self.process = None
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     # A short path: Ray's Unix socket paths live under the temp dir and must stay under 108 bytes.
     with tempfile.TemporaryDirectory(prefix="sf-ray-", dir="/tmp") as workdir:
@@ -105,21 +108,8 @@ def ray_head() -> Iterator[RayHead]:
             head.stop()
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_a_short_training_job(tmp_path: Path, redis_settings, ray_head: RayHead) -> None:
-    model_dir, dataset, groups = prepare_recorded_run(tmp_path / "recorded", num_tasks=4)
-    queues = QueueSettings()
-    StreamQueue(connect_redis(redis_settings), queues.trajectories_stream, queues).put_many(
-        [encode(group) for group in groups]
-    )
-    run_dir = tmp_path / "run"
-    overrides = {
-        "run_name": "ray-job", "redis.url": redis_settings.url,
-        "redis.password": redis_settings.password.get_secret_value(), "queues.block_ms": 100,
-        "learner.model_path": model_dir, "learner.datasets": f"[{dataset}]", "learner.run_dir": run_dir,
-        "learner.groups_per_step": 2, "learner.max_steps": 2, "learner.torch_threads": 1,
-        "learner.learning_rate": 1e-3,
-    }
+def submit(ray_head: RayHead, overrides: dict[str, object]) -> tuple[str, subprocess.CompletedProcess]:
+    """`ray job submit` the learner with these --set overrides; wait for it to finish."""
     entrypoint = ["python", "-m", "learner.train"]
     for key, value in overrides.items():
         entrypoint += ["--set", f"{key}={value}"]
@@ -129,6 +119,32 @@ def test_ray_job_submit_runs_a_short_training_job(tmp_path: Path, redis_settings
         "--runtime-env", "deploy/ray/runtime_env.yaml", "--", *entrypoint,
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    return job_id, submitted
+
+
+def job_overrides(redis_settings, run_name: str, model_dir: Path, dataset: Path, run_dir: Path) -> dict[str, object]:
+    return {
+        "run_name": run_name, "redis.url": redis_settings.url,
+        "redis.password": redis_settings.password.get_secret_value(), "queues.block_ms": 100,
+        "learner.model_path": model_dir, "learner.datasets": f"[{dataset}]", "learner.run_dir": run_dir,
+        "learner.groups_per_step": 2, "learner.micro_batch_groups": 1, "learner.max_steps": 2,
+        "learner.torch_threads": 1, "learner.learning_rate": 1e-3,
+    }
+
+
+def put_groups(redis_settings, groups) -> None:
+    queues = QueueSettings()
+    StreamQueue(connect_redis(redis_settings), queues.trajectories_stream, queues).put_many(
+        [encode(group) for group in groups]
+    )
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_short_training_job(tmp_path: Path, redis_settings, ray_head: RayHead) -> None:
+    model_dir, dataset, groups = prepare_recorded_run(tmp_path / "recorded", num_tasks=4)
+    put_groups(redis_settings, groups)
+    run_dir = tmp_path / "run"
+    job_id, _ = submit(ray_head, job_overrides(redis_settings, "ray-job", model_dir, dataset, run_dir))
 
     logs = ray_head.ray("job", "logs", "--address", ray_head.address, job_id, timeout_s=60).stdout
     assert "(TrainerActor" in logs, logs[-4000:]  # the trainer ran in a Ray actor
@@ -138,3 +154,33 @@ def test_ray_job_submit_runs_a_short_training_job(tmp_path: Path, redis_settings
     assert "succeeded" in (status.stdout + status.stderr).lower()
     assert latest_weight_version(connect_redis(redis_settings), "ray-job").version == 2
     assert (run_dir / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_ray_train_worker_group_takes_the_same_steps_as_one_process(
+    tmp_path: Path, redis_server, redis_settings, ray_head: RayHead
+) -> None:
+    model_dir, dataset, groups = prepare_recorded_run(tmp_path / "recorded", num_tasks=4)
+    put_groups(redis_settings, groups)
+    overrides = job_overrides(redis_settings, "ray-train", model_dir, dataset, tmp_path / "ray-train")
+    job_id, _ = submit(ray_head, {**overrides, "learner.num_workers": 2, "learner.ray_num_cpus": 0.5})
+    logs = ray_head.ray("job", "logs", "--address", ray_head.address, job_id, timeout_s=60).stdout
+    assert "world_rank=1" in logs and '"steps": 2' in logs, logs[-4000:]
+    published = latest_weight_version(connect_redis(redis_settings), "ray-train")
+    assert published.version == 2
+    two_ranks = Qwen2_5_VLForConditionalGeneration.from_pretrained(published.uri).state_dict()
+
+    redis_server.client().flushdb()
+    put_groups(redis_settings, groups)
+    settings = load_settings(overrides=[f"{key}={value}" for key, value in {
+        **overrides, "run_name": "one-process", "learner.run_dir": tmp_path / "one-process",
+        "learner.use_ray": False}.items()], environ={})
+    single = Trainer(settings)
+    assert single.run()["steps"] == 2
+    state = single.policy.state_dict()
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).state_dict()
+    assert two_ranks.keys() == state.keys()
+    for name, value in two_ranks.items():  # summed over ranks in another order: equal up to rounding
+        assert torch.allclose(value, state[name], rtol=1e-5, atol=1e-6), name
+    assert sum(not torch.equal(base[name], state[name]) for name in state) > len(state) // 2  # both moved
+    single.close()
