@@ -39,9 +39,15 @@ def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
 def load_tasks(paths: Sequence[Path]) -> list[tuple[DatasetItem, str]]:
     """Every task of every dataset file, with the folder its image path is relative to."""
     tasks: list[tuple[DatasetItem, str]] = []
+    first_seen: dict[str, Path] = {}
     for path in paths:
         root = str(Path(path).resolve().parent)
-        tasks.extend((item, root) for item in load_dataset(path))
+        for item in load_dataset(path):
+            if item.task.id in first_seen:
+                # Trajectory groups name their task by id alone, so ids must be unique across datasets.
+                raise ValueError(f"task id {item.task.id!r} appears in both {first_seen[item.task.id]} and {path}")
+            first_seen[item.task.id] = Path(path)
+            tasks.append((item, root))
     return tasks
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from services.settings import QueueSettings, RedisSettings, Settings
 from services.settings.models import LearnerSettings
 from services.telemetry import Telemetry
 from services.weights import latest_weight_version
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +197,28 @@ def test_feeder_fills_to_its_bound_and_a_restarted_feeder_enqueues_nothing_twice
     messages = [decode(TaskMessage, fields[b"p"]) for _id, fields in queue.client.xrange(queues.tasks_stream)]
     assert len(messages) == 16 == len({(message.epoch, message.task.id) for message in messages})
     assert TaskFeeder(tasks, epochs=1, seed=0, run_id="run-b").fill(queue, target=100) == 8  # a new run
+
+
+def test_the_entrypoint_trains_then_resumes_from_its_checkpoint(tmp_path: Path, redis_settings, recorded) -> None:
+    model_dir, dataset, groups = recorded
+    settings = make_settings(redis_settings, tmp_path / "cli", recorded)
+    put_groups(settings, groups[:4])
+    overrides = {
+        "run_name": "cli", "redis.url": redis_settings.url, "redis.password": redis_settings.password.get_secret_value(),
+        "queues.block_ms": 100, "learner.model_path": model_dir, "learner.datasets": f"[{dataset}]",
+        "learner.run_dir": tmp_path / "cli", "learner.groups_per_step": 2, "learner.idle_timeout_s": 1,
+    }
+    command = [sys.executable, "-m", "learner.train", "--no-ray", "--config", "configs/learner-local.yaml"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    first = subprocess.run([*command, "--set", "learner.max_steps=1"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.splitlines()[-1])["summary"]["steps"] == 1
+    resumed = subprocess.run([*command, "--resume", "--set", "learner.max_steps=2"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume=True" in resumed.stderr and "step=1" in resumed.stderr
+    assert "step 2 loss=" in resumed.stderr and "step 1 loss=" not in resumed.stderr
+    summary = json.loads(resumed.stdout.splitlines()[-1])["summary"]
+    assert summary["steps"] == 2 and summary["policy_version"] == 2 and summary["groups_trained"] == 4

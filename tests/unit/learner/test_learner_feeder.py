@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from learner.feeder import FeederPosition, TaskFeeder, epoch_order
+import pytest
+from PIL import Image
+
+from learner.feeder import FeederPosition, TaskFeeder, epoch_order, load_tasks
 from services.data.loader import DatasetItem
 from services.schemas import Task
 
@@ -51,3 +54,17 @@ def test_a_feeder_restored_from_a_position_continues_the_same_sequence() -> None
     saved = FeederPosition.model_validate_json(partial.position.model_dump_json())
     resumed = TaskFeeder(tasks(4), epochs=2, seed=7, run_id="r", position=saved)
     assert drain(resumed) == full[5:]
+
+
+def test_task_ids_must_be_unique_across_datasets(tmp_path: Path) -> None:
+    paths = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        Image.new("RGB", (28, 28)).save(folder / "x.png")
+        line = '{"id": "same", "image": "x.png", "question": "q?", "answer": "1", "answer_type": "number"}\n'
+        (folder / "tasks.jsonl").write_text(line)
+        paths.append(folder / "tasks.jsonl")
+    assert len(load_tasks(paths[:1])) == 1
+    with pytest.raises(ValueError, match="'same' appears in both"):
+        load_tasks(paths)
