@@ -63,18 +63,28 @@ def expand_placeholders(input_ids: torch.Tensor, placeholder_id: int, total: int
     return torch.cat([row[:start], filler, row[end:]]).unsqueeze(0)
 
 
+def image_features(
+    model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """Vision tower + merger: the merged visual features of all images, in order. Returns (N, D)."""
+    features = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+    return torch.cat(list(features), dim=0)
+
+
 def embed_full_sequence(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     image_grid_thw: torch.Tensor,
     text_tail: int = 0,
+    image_embeds: torch.Tensor | None = None,
 ) -> MultimodalSequence:
     """Embed one unpruned sequence with its image(s) and compute its M-RoPE positions.
 
     input_ids: (1, L) with N image placeholders; pixel_values: (patches, C*T*P*P); image_grid_thw: (images, 3).
     The last ``text_tail`` tokens (a completion) are text even where they equal the image token: a
-    sampled ``<|image_pad|>`` is an ordinary token embedding in vLLM too.
+    sampled ``<|image_pad|>`` is an ordinary token embedding in vLLM too. ``image_embeds`` (N, D), when
+    given, are merged visual features already computed from ``pixel_values`` (``image_features``).
     """
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
@@ -90,8 +100,8 @@ def embed_full_sequence(
             f"input_ids hold {placeholders} image placeholders but image_grid_thw="
             f"{image_grid_thw.tolist()} gives {total} visual tokens"
         )
-    image_features = core.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-    image_embeds = torch.cat(list(image_features), dim=0)
+    if image_embeds is None:
+        image_embeds = image_features(model, pixel_values, image_grid_thw)
     token_embeds = core.get_input_embeddings()(input_ids)
     inputs_embeds = token_embeds.masked_scatter(
         image_mask.unsqueeze(-1), image_embeds.to(token_embeds.dtype)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from services.modeling.prompts import build_prompt
+from services.modeling.pruned_forward import image_features
 from services.schemas.models import Budget, Rollout, RolloutTimings
 from services.sparsity.budgets import Selection, budget_from_wire, select
 from services.sparsity.scorers import ScorerInputs, VisualTokenScorer
@@ -93,17 +94,27 @@ class ScoredPrompt:
 
 
 def score_prompt(
-    model: torch.nn.Module, processor: Any, scorer: VisualTokenScorer | None, image: Image.Image, question: str
+    model: torch.nn.Module,
+    processor: Any,
+    scorer: VisualTokenScorer | None,
+    image: Image.Image,
+    question: str,
+    keep_image_embeds: bool = False,
 ) -> ScoredPrompt:
-    """Tokenize (image, question) with the HF processor and score its visual tokens (uniform if no scorer)."""
+    """Tokenize (image, question) with the HF processor and score its visual tokens (uniform if no scorer).
+
+    keep_image_embeds: run the vision tower here once and keep its features in ``inputs.image_embeds``,
+    for the scorer and for vLLM (see ``pruned_rollouts(reuse_image_embeds=True)``).
+    """
     prompt = build_prompt(processor, question)
     encoded = processor(text=[prompt], images=[image], return_tensors="pt")
     device = next(model.parameters()).device
-    inputs = ScorerInputs(
-        input_ids=encoded["input_ids"].to(device),
-        pixel_values=encoded["pixel_values"].to(device),
-        image_grid_thw=encoded["image_grid_thw"].to(device),
-    )
+    pixel_values, image_grid_thw = encoded["pixel_values"].to(device), encoded["image_grid_thw"].to(device)
+    image_embeds = None
+    if keep_image_embeds:
+        with torch.no_grad():
+            image_embeds = image_features(model, pixel_values, image_grid_thw)
+    inputs = ScorerInputs(encoded["input_ids"].to(device), pixel_values, image_grid_thw, image_embeds)
     if scorer is None:
         visual_tokens = int((inputs.input_ids == model.config.image_token_id).sum())
         return ScoredPrompt(prompt=prompt, inputs=inputs, scores=torch.ones(visual_tokens))
@@ -114,9 +125,18 @@ def _keeps_everything(budget: Budget) -> bool:
     return budget.kind == "keep_ratio" and budget.value == 1.0
 
 
-def engine_request(prompt: str, image: Image.Image, selection: Selection | None) -> dict[str, Any]:
-    """The vLLM prompt dict for one request; ``selection=None`` runs the image unpruned (stock path)."""
-    request: dict[str, Any] = {"prompt": prompt, "multi_modal_data": {"image": image}}
+def engine_request(
+    prompt: str, image: Image.Image, selection: Selection | None, inputs: ScorerInputs | None = None
+) -> dict[str, Any]:
+    """The vLLM prompt dict for one request; ``selection=None`` runs the image unpruned (stock path).
+
+    With ``inputs`` holding ``image_embeds``, vLLM gets those merged features instead of pixels and
+    skips its own vision tower (the engine needs ``enable_mm_embeds=True``).
+    """
+    item: Any = image
+    if inputs is not None and inputs.image_embeds is not None:
+        item = {"image_embeds": inputs.image_embeds.cpu(), "image_grid_thw": inputs.image_grid_thw.cpu()}
+    request: dict[str, Any] = {"prompt": prompt, "multi_modal_data": {"image": item}}
     if selection is not None:
         request["mm_processor_kwargs"] = {
             KEPT_INDICES_KWARG: list(selection.kept_indices),
@@ -152,8 +172,13 @@ def pruned_rollouts(
     requests: Sequence[PrunedRequest],
     sampling_params: Any,
     use_tqdm: bool = False,
+    reuse_image_embeds: bool = False,
 ) -> list[PrunedRollout]:
-    """Score, select and generate every request in one vLLM batch; results keep the request order."""
+    """Score, select and generate every request in one vLLM batch; results keep the request order.
+
+    reuse_image_embeds: send vLLM the scorer's vision features instead of pixels, so the vision tower
+    runs once per image rather than twice (needs ``LLM(enable_mm_embeds=True)``).
+    """
     started = time.perf_counter()
     scored: dict[tuple[int, str], ScoredPrompt] = {}
     selections: list[tuple[ScoredPrompt, Selection]] = []
@@ -166,14 +191,15 @@ def pruned_rollouts(
         key = (id(request.image), request.question)
         if key not in scored:
             scored[key] = score_prompt(
-                model, processor, scorer if needs_scores[key] else None, request.image, request.question
+                model, processor, scorer if needs_scores[key] else None, request.image, request.question,
+                keep_image_embeds=reuse_image_embeds,
             )
         prepared = scored[key]
         selections.append((prepared, select(prepared.scores, budget_from_wire(request.budget))))
     score_s = (time.perf_counter() - started) / max(1, len(requests))
 
     engine_requests = [
-        engine_request(prepared.prompt, request.image, selection)
+        engine_request(prepared.prompt, request.image, selection, prepared.inputs)
         for request, (prepared, selection) in zip(requests, selections)
     ]
     params = [_with_logprobs(request.sampling_params or sampling_params) for request in requests]

@@ -21,16 +21,27 @@ from typing import Protocol
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
-from services.modeling.pruned_forward import embed_full_sequence, visual_tokens_per_image
+from services.modeling.pruned_forward import embed_full_sequence, image_features, visual_tokens_per_image
 
 
 @dataclass(frozen=True)
 class ScorerInputs:
-    """One unpruned prompt. input_ids: (1, L) with N image placeholders; pixel_values; image_grid_thw: (1, 3)."""
+    """One unpruned prompt. input_ids: (1, L) with N image placeholders; pixel_values; image_grid_thw: (1, 3).
+
+    image_embeds: (N, D) merged visual features of pixel_values when already computed (saves a
+    vision-tower pass), else None.
+    """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    image_embeds: torch.Tensor | None = None
+
+    def visual_features(self, model: torch.nn.Module) -> torch.Tensor:
+        """The merged visual features (N, D): the given ones, or a vision-tower pass."""
+        if self.image_embeds is not None:
+            return self.image_embeds
+        return image_features(model, self.pixel_values, self.image_grid_thw)
 
 
 class VisualTokenScorer(Protocol):
@@ -101,7 +112,10 @@ class TextAttentionScorer:
     @torch.no_grad()
     def score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
         """Importance of each visual token. Returns (N,) float32, summing to at most 1."""
-        sequence = embed_full_sequence(model, inputs.input_ids, inputs.pixel_values, inputs.image_grid_thw)
+        sequence = embed_full_sequence(
+            model, inputs.input_ids, inputs.pixel_values, inputs.image_grid_thw,
+            image_embeds=inputs.visual_features(model),
+        )
         visual_positions = sequence.visual_positions
         query_rows = torch.arange(
             int(visual_positions[-1]) + 1, sequence.inputs_embeds.shape[1], device=visual_positions.device
@@ -131,10 +145,7 @@ class FeatureNormScorer:
     @torch.no_grad()
     def score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
         """Importance of each visual token. Returns (N,) float32."""
-        features = model.model.get_image_features(
-            inputs.pixel_values, inputs.image_grid_thw, return_dict=True
-        ).pooler_output
-        norms = torch.cat(list(features), dim=0).float().norm(dim=-1)
+        norms = inputs.visual_features(model).float().norm(dim=-1)
         expected = sum(visual_tokens_per_image(model, inputs.image_grid_thw))
         if norms.numel() != expected:
             raise ValueError(f"vision tower gave {norms.numel()} features, expected {expected}")

@@ -48,7 +48,14 @@ QUESTIONS = (
 )
 # Two shapes, one of them not square, so a (h, w) mix-up in the positions cannot hide.
 SIZES = ((224, 224), (196, 308))
-ENGINE_ARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024, "seed": 0, "limit_mm_per_prompt": {"image": 1}}
+ENGINE_ARGS = {
+    "enable_mm_embeds": True,  # lets a request bring precomputed vision features (reuse_image_embeds)
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "seed": 0,
+    "limit_mm_per_prompt": {"image": 1},
+}
 
 STOCK_SCRIPT = """
 import json, sys
@@ -167,6 +174,21 @@ def test_greedy_completions_are_the_training_forwards_argmax(hf: tuple, llm, pro
                 model, ids, pixel_values, grid, rollout.kept_indices, len(rollout.completion_token_ids)
             )
         assert logits.argmax(-1).tolist() == completion.tolist(), f"budget {request.budget.label}"
+
+
+def test_reused_scorer_features_give_the_same_logprobs(hf: tuple, llm, prompts: list) -> None:
+    """vLLM fed the scorer's vision features (no second vision-tower pass) still matches the training forward."""
+    model, processor = hf
+    requests = _requests(prompts[:8], temperature=1.0, budgets=[Budget(kind="keep_ratio", value=0.25)])
+    rollouts = pruned_rollouts(llm, model, processor, TextAttentionScorer(layer=2), requests, None,
+                               reuse_image_embeds=True)
+    for request, rollout in zip(requests, rollouts):
+        assert rollout.visual_tokens_kept == math.ceil(0.25 * rollout.visual_tokens_total)
+        with torch.no_grad():
+            recomputed = replay_logprobs(model, processor, request.image, rollout.prompt_token_ids,
+                                         rollout.completion_token_ids, rollout.kept_indices)
+        worst = float((recomputed - torch.tensor(rollout.completion_logprobs)).abs().max())
+        assert worst <= LOGPROB_TOLERANCE
 
 
 def test_keep_ratio_one_matches_stock_vllm_token_for_token(
