@@ -99,7 +99,12 @@ def all_reduce_step(params: Sequence[torch.nn.Parameter], sums: dict[str, float]
     """Sum gradients and metric parts over the process group (in place); maxima take the max."""
     import torch.distributed as dist
 
-    for param in params:
+    # A parameter no rank touched keeps grad None, as in one process (AdamW then skips it, weight decay too).
+    touched = torch.tensor([param.grad is not None for param in params], dtype=torch.uint8)
+    dist.all_reduce(touched, op=dist.ReduceOp.MAX)
+    for param, any_rank in zip(params, touched.tolist(), strict=True):
+        if not any_rank:
+            continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad)

@@ -128,7 +128,7 @@ def job_overrides(redis_settings, run_name: str, model_dir: Path, dataset: Path,
         "redis.password": redis_settings.password.get_secret_value(), "queues.block_ms": 100,
         "learner.model_path": model_dir, "learner.datasets": f"[{dataset}]", "learner.run_dir": run_dir,
         "learner.groups_per_step": 2, "learner.micro_batch_groups": 1, "learner.max_steps": 2,
-        "learner.torch_threads": 1, "learner.learning_rate": 1e-3,
+        "learner.torch_threads": 1, "learner.learning_rate": 1e-3, "learner.weight_decay": 0.01,
     }
 
 
