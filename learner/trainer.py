@@ -62,6 +62,20 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def step_config(settings: Settings) -> StepConfig:
+    """The step and loss knobs of the learner settings."""
+    cfg = settings.learner
+    loss = LossConfig(
+        clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c, beta=cfg.beta,
+        kl_ratio_weighted=cfg.kl_ratio_weighted, normalization=cfg.normalization, tis_cap=cfg.tis_cap,
+        max_completion_len=settings.rollout.max_new_tokens,
+    )
+    return StepConfig(
+        loss=loss, micro_batch_groups=cfg.micro_batch_groups, grad_clip=cfg.grad_clip, adv_std=cfg.adv_std,
+        adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance, old_logprobs=cfg.old_logprobs,
+    )
+
+
 @dataclass
 class Batch:
     """Groups admitted for one step, the stream entries to ack after it, and what was turned away."""
@@ -91,16 +105,8 @@ class Trainer:
         configure_determinism(cfg.seed, cfg.deterministic)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        base = Path(cfg.model_path or settings.rollout.model_path)
-        if checkpoint is not None:
-            self.state, torch_state = load_training_state(checkpoint)
-            base, load_from = Path(self.state.base_model_path), checkpoint
-        else:
-            if resume:
-                log.warning("no checkpoint to resume from; starting fresh", extra={"run_dir": str(self.run_dir)})
-            self.state = TrainingState(run_id=uuid.uuid4().hex, base_model_path=str(base.resolve()))
-            load_from = base
+        checkpoint, torch_state = self._restore(resume)
+        base, load_from = Path(self.state.base_model_path), checkpoint or Path(self.state.base_model_path)
         dtype = getattr(torch, cfg.dtype)
         self.policy, self.processor = load_model_and_processor(load_from, dtype, cfg.device)
         self.reference = None
@@ -122,15 +128,7 @@ class Trainer:
             restore_rng_states(torch_state["rng"])
         self.trained_ids = dict(self.state.trained_groups)  # group id -> the version that made it
         self.pixels = PixelCache(self._pixel_inputs)
-        self.step_config = StepConfig(
-            loss=LossConfig(
-                clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
-                beta=cfg.beta, kl_ratio_weighted=cfg.kl_ratio_weighted, normalization=cfg.normalization,
-                tis_cap=cfg.tis_cap, max_completion_len=settings.rollout.max_new_tokens,
-            ),
-            micro_batch_groups=cfg.micro_batch_groups, grad_clip=cfg.grad_clip, adv_std=cfg.adv_std,
-            adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance, old_logprobs=cfg.old_logprobs,
-        )
+        self.step_config = step_config(settings)
         self.telemetry = telemetry or Telemetry("learner")
         self.client = connect_redis(settings.redis)
         queues = settings.queues
@@ -142,6 +140,18 @@ class Trainer:
         self.log_path = self.run_dir / "metrics.jsonl"
         self._checkpointed_step = self.state.step if checkpoint is not None else -1
         self.telemetry.weights.policy_version.labels("learner").set(self.state.policy_version)
+
+    def _restore(self, resume: bool) -> tuple[Path | None, dict]:
+        """Set self.state from the latest checkpoint (when resuming and there is one) or afresh."""
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            self.state, torch_state = load_training_state(checkpoint)
+            return checkpoint, torch_state
+        if resume:
+            log.warning("no checkpoint to resume from; starting fresh", extra={"run_dir": str(self.run_dir)})
+        base = Path(self.cfg.model_path or self.settings.rollout.model_path)
+        self.state = TrainingState(run_id=uuid.uuid4().hex, base_model_path=str(base.resolve()))
+        return None, {}
 
     # ------------------------------------------------------------------------------------------ inputs
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
