@@ -8,7 +8,8 @@ For each condition, on fresh images (so no encoder or prefix cache can serve a r
   the extra time (prefill and the vision tower cancel out);
 - end-to-end requests/s: R / (scoring time + generation time of the max_tokens=E batch). Dense needs
   no scoring. A GRPO group scores its prompt once for all G budgets, so the scoring share is also
-  given divided by G, and left out;
+  given divided by G, and left out. "reuse" is the deployed option ``reuse_image_embeds``: vLLM takes
+  the scorer's vision features, so the vision tower runs once per image (compared with dense pixels);
 - KV cache per request: tokens held (prompt + completion), blocks ceil(tokens / block_size), and the
   visual KV entries (kept visual tokens).
 Every number is also given as a ratio to dense. Run: ``python bench/pruning.py [--model DIR]``.
@@ -73,9 +74,12 @@ def _timed_generate(llm: Any, requests: list[dict[str, Any]], params: Any) -> tu
     return time.perf_counter() - started, outputs
 
 
-def _score_all(model: Any, processor: Any, scorer: Any, images: list[Image.Image]) -> tuple[list, float]:
+def _score_all(
+    model: Any, processor: Any, scorer: Any, images: list[Image.Image], keep_image_embeds: bool = False
+) -> tuple[list, float]:
     started = time.perf_counter()
-    scored = [score_prompt(model, processor, scorer, image, QUESTION) for image in tqdm(images, desc="scoring")]
+    scored = [score_prompt(model, processor, scorer, image, QUESTION, keep_image_embeds=keep_image_embeds)
+              for image in tqdm(images, desc="scoring")]
     return scored, time.perf_counter() - started
 
 
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "embeds": SamplingParams(temperature=0.0, max_tokens=1),
         "decode": SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True),
         "e2e": SamplingParams(temperature=0.0, max_tokens=args.e2e_tokens, ignore_eos=True),
+        "e2e_reuse": SamplingParams(temperature=0.0, max_tokens=args.e2e_tokens, ignore_eos=True),
     }
     conditions: list[tuple[str, float | None]] = [("dense", None)] + [(f"r={r:g}", r) for r in KEEP_RATIOS]
     # Fresh images for every (repetition, phase): no batch can reuse another's encoder output or KV.
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(args.repeats + 1):
         for index, phase in enumerate(params):
             images = _images(args.requests, seed=1000 * rep + index)
-            batches[rep, phase] = (images, *_score_all(model, processor, scorer, images))
+            reuse = phase == "e2e_reuse"
+            batches[rep, phase] = (images, *_score_all(model, processor, scorer, images, keep_image_embeds=reuse))
     timings: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in params} for name, _ in conditions}
     outputs: dict[str, Any] = {}
     for rep in tqdm(range(args.repeats + 1), desc="repetitions"):
@@ -112,14 +118,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 keep = [None if ratio is None else select(p.scores, KeepRatio(ratio)) for p in scored]
                 if phase == "embeds":
                     requests = [_embeds_request(model, p, k) for p, k in zip(scored, keep)]
+                elif phase == "e2e_reuse" and ratio is not None:
+                    # The deployed pruned path: vLLM takes the scorer's vision features (no second tower).
+                    requests = [engine_request(p.prompt, img, k, p.inputs) for p, img, k in zip(scored, images, keep)]
                 else:
                     requests = [engine_request(p.prompt, img, k) for p, img, k in zip(scored, images, keep)]
                 seconds, outputs[name, phase] = _timed_generate(llm, requests, sampling)
                 if rep > 0:
                     timings[name][phase].append(seconds)
-    score_s = min(batches[rep, "e2e"][2] for rep in range(1, args.repeats + 1))
+    score_s = {phase: min(batches[rep, phase][2] for rep in range(1, args.repeats + 1))
+               for phase in ("e2e", "e2e_reuse")}
     image_token_id = int(model.config.image_token_id)
-    rows = {name: _row(args, timings[name], outputs, name, 0.0 if ratio is None else score_s, block_size,
+    no_scoring = dict.fromkeys(score_s, 0.0)
+    rows = {name: _row(args, timings[name], outputs, name, no_scoring if ratio is None else score_s, block_size,
                        image_token_id) for name, ratio in conditions}
     return {"config": {**vars(args), "model": str(args.model), "block_size": block_size,
                        "image_side": IMAGE_SIDE, "timing": "min over repeats"},
@@ -127,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _row(args: argparse.Namespace, timings: dict[str, list[float]], outputs: dict, name: str,
-         score_s: float, block_size: int, image_token_id: int) -> dict[str, float]:
+         score_s: dict[str, float], block_size: int, image_token_id: int) -> dict[str, float]:
     """One condition's metrics from its best (minimum) timings."""
     best = {phase: min(values) for phase, values in timings.items()}
     prefill_out = outputs[name, "prefill"]
@@ -138,10 +149,14 @@ def _row(args: argparse.Namespace, timings: dict[str, list[float]], outputs: dic
         "prefill_s": best["prefill"],
         "llm_prefill_s": best["embeds"],
         "decode_tokens_per_s": extra_tokens / max(1e-9, best["decode"] - best["e2e"]),
-        "requests_per_s": args.requests / (score_s + best["e2e"]),
-        "requests_per_s_group_scoring": args.requests / (score_s / args.group_size + best["e2e"]),
+        "requests_per_s": args.requests / (score_s["e2e"] + best["e2e"]),
+        "requests_per_s_group_scoring": args.requests / (score_s["e2e"] / args.group_size + best["e2e"]),
         "requests_per_s_without_scoring": args.requests / best["e2e"],
-        "scoring_s": score_s,
+        "requests_per_s_reused_features": args.requests / (score_s["e2e_reuse"] + best["e2e_reuse"]),
+        "requests_per_s_reused_features_group": args.requests
+        / (score_s["e2e_reuse"] / args.group_size + best["e2e_reuse"]),
+        "scoring_s": score_s["e2e"],
+        "scoring_with_features_s": score_s["e2e_reuse"],
         "prompt_tokens": float(np.mean([len(o.prompt_token_ids) for o in prefill_out])),
         "visual_kv_entries": float(np.mean([o.prompt_token_ids.count(image_token_id) for o in prefill_out])),
         "kv_tokens_per_request": float(np.mean(kv_tokens)),
@@ -162,6 +177,10 @@ def _ratios(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
             / dense["requests_per_s_group_scoring"],
             "requests_per_s_speedup_without_scoring": row["requests_per_s_without_scoring"]
             / dense["requests_per_s_without_scoring"],
+            "requests_per_s_speedup_reused_features": row["requests_per_s_reused_features"]
+            / dense["requests_per_s"],
+            "requests_per_s_speedup_reused_features_group": row["requests_per_s_reused_features_group"]
+            / dense["requests_per_s"],
             "kv_tokens_saving": dense["kv_tokens_per_request"] / row["kv_tokens_per_request"],
             "kv_blocks_saving": dense["kv_blocks_per_request"] / row["kv_blocks_per_request"],
             "visual_kv_saving": dense["visual_kv_entries"] / row["visual_kv_entries"],
@@ -202,7 +221,7 @@ def main() -> None:
     payload = run(args)
     columns = ["condition", "prefill s", "LLM prefill s", "decode tok/s", "req/s", "KV tok/req",
                "visual KV", "prefill x", "LLM prefill x", "decode x", "req/s x", "req/s x (G)", "req/s x (no score)",
-               "KV tok x", "KV blocks x", "visual KV x"]
+               "req/s x (reuse)", "req/s x (reuse, G)", "KV tok x", "KV blocks x", "visual KV x"]
     table = []
     for name, row in payload["results"].items():
         ratio = payload["vs_dense"][name]
@@ -210,7 +229,9 @@ def main() -> None:
                       row["requests_per_s"], row["kv_tokens_per_request"], row["visual_kv_entries"],
                       ratio["prefill_speedup"], ratio["llm_prefill_speedup"], ratio["decode_speedup"],
                       ratio["requests_per_s_speedup"], ratio["requests_per_s_speedup_group_scoring"],
-                      ratio["requests_per_s_speedup_without_scoring"], ratio["kv_tokens_saving"],
+                      ratio["requests_per_s_speedup_without_scoring"],
+                      ratio["requests_per_s_speedup_reused_features"],
+                      ratio["requests_per_s_speedup_reused_features_group"], ratio["kv_tokens_saving"],
                       ratio["kv_blocks_saving"], ratio["visual_kv_saving"]])
     print_table(f"Pruning vs dense ({args.requests} requests, {IMAGE_SIDE}px images)", columns, table)
     print(f"wrote {save_results(args.output, payload)}")
