@@ -43,9 +43,9 @@ class TrainPart(BaseModel):
     image_size: int = Field(description="Image side in px.")
     items: int = Field(ge=1, description="Items in this part.")
     question_mix: dict[str, float] = Field(description="Relative weight of each question kind.")
-    grid_size: int = Field(4, ge=1, description="Digit grid side (digits only).")
+    grid_size: int = Field(2, ge=1, description="Digit grid side (digits only).")
     min_objects: int = Field(2, ge=1, description="Fewest shapes (scenes only).")
-    max_objects: int = Field(4, ge=1, description="Most shapes (scenes only).")
+    max_objects: int = Field(3, ge=1, description="Most shapes (scenes only).")
 
     @property
     def name(self) -> str:
@@ -64,19 +64,17 @@ class TrainPart(BaseModel):
 _DENSE_SCENES = {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 2.0}
 _DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
 
-# A curriculum by image size: on a 56-px image one object or digit fills the picture, and a model from
-# scratch learns to see it within ~50 steps; on 224-px images with a small object it sits on the
-# answer prior for hundreds of steps. The 56/112-px parts use the same 56-px cells as the 224-px
-# tasks, so what is learned there transfers.
+# A curriculum by image size: when one object or digit fills the picture, a model from scratch learns
+# to see it within ~50 steps; when it covers a small share of a large image, the model sits on the
+# answer prior for hundreds of steps. The single-cell parts use the same cell size as the full tasks,
+# so what is learned there transfers.
 DEFAULT_TRAIN_PARTS: tuple[TrainPart, ...] = (
-    TrainPart(family="scenes", image_size=56, items=2000, min_objects=1, max_objects=1,
+    TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1,
               question_mix={"colour": 1.0, "shape": 1.0, "count": 1.0, "list_objects": 1.0}),
-    TrainPart(family="scenes", image_size=112, items=3000, min_objects=1, max_objects=3,
+    TrainPart(family="scenes", image_size=224, items=8000, min_objects=2, max_objects=3,
               question_mix=_DENSE_SCENES),
-    TrainPart(family="scenes", image_size=224, items=6000, question_mix=_DENSE_SCENES),
-    TrainPart(family="digits", image_size=56, items=3000, grid_size=1, question_mix=_DENSE_DIGITS),
-    TrainPart(family="digits", image_size=112, items=3000, grid_size=2, question_mix=_DENSE_DIGITS),
-    TrainPart(family="digits", image_size=224, items=6000, grid_size=4, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=112, items=4000, grid_size=1, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=224, items=8000, grid_size=2, question_mix=_DENSE_DIGITS),
 )
 
 

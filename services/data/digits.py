@@ -25,7 +25,7 @@ class DigitGridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image_size: int = Field(224, ge=56, description="Image side in px (grid_size cells of 28*k px each).")
-    grid_size: int = Field(4, ge=1, le=16, description="Rows and columns of digits.")
+    grid_size: int = Field(2, ge=1, le=16, description="Rows and columns of digits (2 at 224 px: 112-px digits).")
     question_mix: dict[str, float] = Field(
         default_factory=lambda: {"digit_at": 3.0, "is_digit": 1.0},
         description="Relative weight of each question kind.",

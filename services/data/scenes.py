@@ -24,7 +24,6 @@ QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom ri
 QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "list_objects")
 # "list_objects" names every object in reading order: dense supervision for training a model from
 # scratch (used in the SFT's train mix; the default val/test mix asks about one object).
-CELL_PIXELS = 56  # one object per 56-px cell: 2x2 visual tokens after Qwen's 28-px merge
 
 
 class SceneSpec(BaseModel):
@@ -32,9 +31,12 @@ class SceneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: int = Field(224, ge=56, description="Canvas side in px (a multiple of 56).")
+    image_size: int = Field(224, ge=56, description="Canvas side in px (a multiple of cell_pixels).")
+    cell_pixels: int = Field(
+        112, ge=28, description="Side of one object's cell (112 px = 4x4 visual tokens); a multiple of 28."
+    )
     min_objects: int = Field(2, ge=1, description="Fewest shapes in a scene.")
-    max_objects: int = Field(4, ge=1, description="Most shapes in a scene (at most the number of colours).")
+    max_objects: int = Field(3, ge=1, description="Most shapes in a scene (at most the number of colours).")
     question_mix: dict[str, float] = Field(
         default_factory=lambda: {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0},
         description="Relative weight of each question kind.",
@@ -45,8 +47,11 @@ class SceneSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SceneSpec:
-        if self.image_size % CELL_PIXELS:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of {CELL_PIXELS}")
+        if self.cell_pixels % 28 or self.image_size % self.cell_pixels:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of cell_pixels={self.cell_pixels}, "
+                "itself a multiple of 28"
+            )
         if not self.min_objects <= self.max_objects <= min(len(COLOURS), self.cells_per_side**2):
             raise ValueError(f"objects range [{self.min_objects}, {self.max_objects}] does not fit the canvas")
         unknown = set(self.question_mix) - set(QUESTION_KINDS)
@@ -59,7 +64,7 @@ class SceneSpec(BaseModel):
     @property
     def cells_per_side(self) -> int:
         """Placement grid: one object per cell."""
-        return self.image_size // CELL_PIXELS
+        return self.image_size // self.cell_pixels
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,11 @@ def render_scene(rng: np.random.Generator, objects: list[SceneObject], spec: Sce
     image = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(image)
     for scene_object in objects:
-        side = float(rng.uniform(0.6, 0.85) * CELL_PIXELS)
-        slack = CELL_PIXELS - side
-        left = scene_object.column * CELL_PIXELS + float(rng.uniform(0, slack))
-        top = scene_object.row * CELL_PIXELS + float(rng.uniform(0, slack))
+        cell = spec.cell_pixels
+        side = float(rng.uniform(0.6, 0.85) * cell)
+        slack = cell - side
+        left = scene_object.column * cell + float(rng.uniform(0, slack))
+        top = scene_object.row * cell + float(rng.uniform(0, slack))
         box = (left, top, left + side, top + side)
         fill = COLOURS[scene_object.colour]
         if scene_object.shape == "circle":

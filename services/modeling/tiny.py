@@ -63,6 +63,11 @@ class TinyModelSpec(BaseModel):
     min_pixels: int = Field(28 * 28 * 4, ge=28 * 28, description="Processor lower bound on image area.")
     max_pixels: int = Field(896 * 896, ge=28 * 28, description="Processor upper bound on image area.")
     max_position_embeddings: int = Field(4096, ge=256, description="Longest sequence.")
+    rope_theta: float = Field(
+        10.0, gt=1.0,
+        description="Text M-RoPE base. Small on purpose: the w axis gets the lowest frequencies, and at "
+        "head_dim 32 with Qwen's 1e6 (or 1e4) a 16-token-wide image is all one angle to the decoder.",
+    )
     seed: int = Field(0, description="Seed of the random initial weights.")
 
     @model_validator(mode="after")
@@ -113,7 +118,7 @@ def build_config(spec: TinyModelSpec, token_ids: dict[str, int]) -> Qwen2_5_VLCo
         "rms_norm_eps": 1e-6,
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": 10_000.0,
+            "rope_theta": spec.rope_theta,
             "mrope_section": mrope_section(spec.text_head_dim),
         },
         "bos_token_id": token_ids["<|endoftext|>"],

@@ -19,7 +19,7 @@ def test_schedule_warms_up_then_decays_to_five_percent() -> None:
 
 
 def _config(tmp_path: Path, mix: dict[str, float]) -> SFTConfig:
-    parts = (TrainPart(family="digits", image_size=56, grid_size=1, items=4, question_mix=mix),
+    parts = (TrainPart(family="digits", image_size=112, grid_size=1, items=4, question_mix=mix),
              TrainPart(family="scenes", image_size=224, items=3, question_mix={"list_objects": 1.0}))
     return SFTConfig(out=tmp_path / "m", data_dir=tmp_path / "tasks", train_parts=parts, val_items=2,
                      test_items=3)
@@ -27,10 +27,10 @@ def _config(tmp_path: Path, mix: dict[str, float]) -> SFTConfig:
 
 def test_train_parts_and_eval_splits_are_generated_once_and_redone_on_recipe_change(tmp_path: Path) -> None:
     train_paths, eval_paths = ensure_splits(_config(tmp_path, {"read_grid": 1.0}))
-    assert [p.name for p in train_paths] == ["train-56.jsonl", "train.jsonl"]
+    assert [p.name for p in train_paths] == ["train-112.jsonl", "train.jsonl"]
     small = load_dataset(train_paths[0])
     assert len(small) == 4 and all(item.task.question.startswith("Read") for item in small)
-    assert open_image(small[0].image_path).size == (56, 56)
+    assert open_image(small[0].image_path).size == (112, 112)
     assert [len(load_dataset(eval_paths["digits"][s])) for s in ("val", "test")] == [2, 3]
     stamps = {p: p.stat().st_mtime_ns for p in [*train_paths, eval_paths["digits"]["test"]]}
     ensure_splits(_config(tmp_path, {"read_grid": 1.0}))
