@@ -124,7 +124,9 @@ def build_config(spec: TinyModelSpec, token_ids: dict[str, int]) -> Qwen2_5_VLCo
         "bos_token_id": token_ids["<|endoftext|>"],
         "eos_token_id": token_ids["<|im_end|>"],
         "pad_token_id": token_ids["<|endoftext|>"],
-        "tie_word_embeddings": True,
+        # Untied, as in Qwen2.5-VL-7B: vLLM's in-place reload_weights updates only one side of a tied
+        # embedding/LM-head pair, so a tied model would keep generating with stale output weights.
+        "tie_word_embeddings": False,
         "use_sliding_window": False,
         "max_window_layers": spec.num_hidden_layers,
     }
@@ -149,7 +151,7 @@ def build_config(spec: TinyModelSpec, token_ids: dict[str, int]) -> Qwen2_5_VLCo
         video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"],
         vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
 
 
