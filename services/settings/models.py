@@ -98,7 +98,7 @@ class RolloutSettings(StrictModel):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, description="Base seed of budget sampling and vLLM sampling.")
-    weights_poll_s: float = Field(1.0, gt=0, description="How often to check for a new weight version.")
+    weights_poll_s: float = Field(1.0, ge=0, description="How often to check for a new weight version (0: every batch).")
     vllm_kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache size on the CPU backend (GiB).")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM share of GPU memory.")
     vllm_max_model_len: int = Field(2048, ge=64, description="Longest prompt + completion.")

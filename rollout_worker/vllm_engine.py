@@ -1,0 +1,89 @@
+"""The production RolloutEngine: the HF scorer + the patched vLLM Qwen2.5-VL, run through pruned_rollouts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rollout_worker.engine import PreparedRollout, TaskInputError
+from services.modeling import load_model_and_processor
+from services.rollout.pruned import PrunedRequest, pruned_rollouts
+from services.schemas import Rollout
+from services.settings import Settings
+from services.sparsity import KeepSetError
+from services.sparsity.scorers import build_scorer
+
+log = logging.getLogger(__name__)
+
+
+def build_llm(model_path: Path, settings: Settings):  # noqa: ANN201 - vllm.LLM is imported lazily
+    """A vLLM engine for the policy, sized by settings.rollout (CPU KV cache or GPU memory share)."""
+    rollout = settings.rollout
+    if not torch.cuda.is_available():
+        # The CPU backend sizes its KV cache from this variable only; settings own the value.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{rollout.vllm_kv_cache_gb:g}"
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_path),
+        dtype=rollout.vllm_dtype,
+        enforce_eager=rollout.vllm_enforce_eager,
+        max_model_len=rollout.vllm_max_model_len,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        seed=rollout.seed,
+        limit_mm_per_prompt={"image": 1},
+    )
+
+
+class VllmRolloutEngine:
+    """Scores with the HF model, generates in vLLM; both reload together when weights change."""
+
+    def __init__(self, settings: Settings, model_path: Path | None = None) -> None:
+        from vllm import SamplingParams
+
+        self.settings = settings
+        self.model_path = Path(model_path or settings.rollout.model_path)
+        self.model, self.processor = load_model_and_processor(self.model_path)
+        self.scorer = build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer)
+        self.llm = build_llm(self.model_path, settings)
+        # No per-request seed: on vLLM-cpu a seeded request with chunked prefill crashes the engine;
+        # the engine-wide seed (settings.rollout.seed) keeps runs repeatable.
+        self.sampling_params = SamplingParams(
+            temperature=settings.rollout.temperature, top_p=settings.rollout.top_p,
+            max_tokens=settings.rollout.max_new_tokens, logprobs=0,
+        )
+
+    def generate(self, prepared: Sequence[PreparedRollout], policy_version: int) -> list[Rollout]:
+        """One Rollout per prepared request, generated in a single vLLM batch."""
+        requests = [PrunedRequest(item.image, item.request.task.question, item.request.budget) for item in prepared]
+        try:
+            with torch.no_grad():
+                results = pruned_rollouts(self.llm, self.model, self.processor, self.scorer, requests,
+                                          self.sampling_params)
+        except (KeepSetError, ValueError) as error:
+            raise TaskInputError(str(error)) from error
+        return [
+            result.to_wire(item.request.task.id, item.request.rollout_index, policy_version)
+            for item, result in zip(prepared, results)
+        ]
+
+    def load_weights(self, folder: Path) -> None:
+        """Reload vLLM in place from the folder, and the HF scorer from the same files."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        # reload_weights clears the workers' encoder cache but neither the scheduler's record of it (the
+        # next request for a cached image then fails with "Encoder cache miss") nor the prefix cache, whose
+        # KV blocks were computed by the old weights. Reset all three caches together.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+        # Weight folders hold the model alone; the processor (tokenizer, image config) never changes.
+        self.model = type(self.model).from_pretrained(folder, dtype=self.model.dtype).eval()
+        log.info("engine weights reloaded", extra={"folder": str(folder)})
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core process."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,263 @@
+"""The rollout worker's batch loop: tasks in, G budgeted rollouts per task, rewards, trajectory groups out.
+
+Delivery: a task is acked only after its group is published (at-least-once), and the group is published
+with put_unique keyed by group id, so a redelivered task (after a crash between publish and ack)
+produces no second group. Weights change only between batches, so a group never mixes versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollout_worker.budgets import assign_group_budgets
+from rollout_worker.engine import PreparedRollout, RolloutEngine, TaskInputError
+from rollout_worker.weights import WeightWatcher
+from reward_server.client import RewardClient
+from services.data.loader import open_image, resolve_image
+from services.queues import Entry, StreamQueue
+from services.schemas import (
+    Budget,
+    DecodeError,
+    RewardBreakdown,
+    Rollout,
+    RolloutRequest,
+    ScoreItem,
+    TaskMessage,
+    TrajectoryGroup,
+    decode,
+    encode,
+)
+from services.settings import RolloutSettings
+from services.telemetry import RolloutMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for logs, tests and the benchmark."""
+
+    tasks: int = 0
+    rollouts: int = 0
+    groups_published: int = 0
+    duplicate_groups: int = 0
+    dead_lettered: int = 0
+    policy_version: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _AcceptedTask:
+    entry: Entry
+    message: TaskMessage
+    group_id: str
+    prepared: list[PreparedRollout]
+
+
+def group_id_for(message: TaskMessage) -> str:
+    """A group's id: one per task per epoch, so replays of the same task deduplicate."""
+    return f"{message.task.id}@e{message.epoch}"
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+class RolloutWorker:
+    """One consumer of the tasks stream and producer of the trajectories stream."""
+
+    def __init__(
+        self,
+        *,
+        settings: RolloutSettings,
+        budget_set: Sequence[Budget],
+        engine: RolloutEngine,
+        reward_client: RewardClient,
+        tasks: StreamQueue,
+        trajectories: StreamQueue,
+        worker_id: str,
+        watcher: WeightWatcher | None = None,
+        metrics: RolloutMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.budget_set = list(budget_set)
+        self.engine = engine
+        self.reward_client = reward_client
+        self.tasks = tasks
+        self.trajectories = trajectories
+        self.worker_id = worker_id
+        self.watcher = watcher
+        self.metrics = metrics
+        self._loop = asyncio.new_event_loop()
+
+    @property
+    def policy_version(self) -> int:
+        """The weight version the engine runs now."""
+        return self.watcher.version if self.watcher else 0
+
+    def close(self) -> None:
+        """Release the event loop and the reward client's connections."""
+        self._loop.run_until_complete(self.reward_client.aclose())
+        self._loop.close()
+
+    def run_batch(self, block_ms: int | None = None) -> BatchReport:
+        """Reload weights if a new version is out, then run one batch of tasks end to end."""
+        report = BatchReport()
+        with _timed(report, "weights"):
+            if self.watcher:
+                self.watcher.maybe_update()
+        report.policy_version = self.policy_version
+        with _timed(report, "consume"):
+            entries = self.tasks.consume(self.settings.tasks_per_batch, block_ms=block_ms)
+        if not entries:
+            return report
+        with _timed(report, "prepare"):
+            accepted = [task for entry in entries if (task := self._accept(entry, report)) is not None]
+        with _timed(report, "generate"):
+            rollouts = self._generate(accepted, report)
+        if not accepted:
+            return report
+        with _timed(report, "reward"):
+            rewards = self._loop.run_until_complete(self.reward_client.score(self._score_items(accepted, rollouts)))
+        with _timed(report, "publish"):
+            self._publish(accepted, rollouts, rewards, report)
+        self._observe(rollouts, rewards, report)
+        return report
+
+    # ------------------------------------------------------------------------------------ stages
+    def _accept(self, entry: Entry, report: BatchReport) -> _AcceptedTask | None:
+        """Decode a task entry and open its image; dead-letter it with the reason when either fails."""
+        try:
+            message = decode(TaskMessage, entry.payload, self.tasks.settings.codec)
+            image = open_image(resolve_image(Path(message.dataset_root), message.task.image))
+        except (DecodeError, ValueError, OSError) as error:
+            self._dead_letter(entry, f"{type(error).__name__}: {error}", report)
+            return None
+        group_id = group_id_for(message)
+        budgets = assign_group_budgets(
+            self.budget_set, self.settings.group_size, self.settings.budget_assignment,
+            group_index=_stable_int(group_id), seed=self.settings.seed,
+        )
+        prepared = [
+            PreparedRollout(
+                RolloutRequest(
+                    task=message.task, dataset_root=message.dataset_root, budget=budget, group_id=group_id,
+                    rollout_index=index, seed=_stable_int(f"{self.settings.seed}:{group_id}:{index}"),
+                ),
+                image,
+            )
+            for index, budget in enumerate(budgets)
+        ]
+        return _AcceptedTask(entry, message, group_id, prepared)
+
+    def _generate(self, accepted: list[_AcceptedTask], report: BatchReport) -> list[list[Rollout]]:
+        """All tasks' rollouts in one engine call; a task the engine refuses is dead-lettered alone."""
+        while accepted:
+            flat = [prepared for task in accepted for prepared in task.prepared]
+            try:
+                generated = self.engine.generate(flat, self.policy_version)
+            except TaskInputError as error:
+                culprit = self._find_culprit(accepted, error)
+                accepted.remove(culprit)
+                self._dead_letter(culprit.entry, f"TaskInputError: {error}", report)
+                continue
+            per_task, start = [], 0
+            for task in accepted:
+                per_task.append(generated[start : start + len(task.prepared)])
+                start += len(task.prepared)
+            return per_task
+        return []
+
+    def _find_culprit(self, accepted: list[_AcceptedTask], error: TaskInputError) -> _AcceptedTask:
+        """The task an engine error names, else the first one that fails alone."""
+        for task in accepted:
+            if task.message.task.id in str(error):
+                return task
+        for task in accepted:
+            try:
+                self.engine.generate(task.prepared[:1], self.policy_version)
+            except TaskInputError:
+                return task
+        raise error
+
+    def _score_items(self, accepted: list[_AcceptedTask], rollouts: list[list[Rollout]]) -> list[ScoreItem]:
+        return [
+            ScoreItem(
+                completion_text=rollout.completion_text, answer=task.message.task.answer,
+                answer_type=task.message.task.answer_type, choices=task.message.task.choices,
+                visual_tokens_kept=rollout.visual_tokens_kept, visual_tokens_total=rollout.visual_tokens_total,
+            )
+            for task, group in zip(accepted, rollouts)
+            for rollout in group
+        ]
+
+    def _publish(
+        self,
+        accepted: list[_AcceptedTask],
+        rollouts: list[list[Rollout]],
+        rewards: list[RewardBreakdown],
+        report: BatchReport,
+    ) -> None:
+        """Publish each task's group (once per group id), then ack its task entry."""
+        offset = 0
+        for task, group_rollouts in zip(accepted, rollouts):
+            group_rewards = rewards[offset : offset + len(group_rollouts)]
+            offset += len(group_rollouts)
+            group = TrajectoryGroup(
+                group_id=task.group_id, task=task.message.task, epoch=task.message.epoch,
+                rollouts=group_rollouts, rewards=group_rewards, policy_version=self.policy_version,
+                worker_id=self.worker_id,
+            )
+            published = self.trajectories.put_unique(encode(group, self.trajectories.settings.codec), task.group_id)
+            if published is None:
+                report.duplicate_groups += 1
+                log.warning("group already published; acking the redelivered task", extra={"group": task.group_id})
+            else:
+                report.groups_published += 1
+            self.tasks.ack([task.entry])
+            report.tasks += 1
+            report.rollouts += len(group_rollouts)
+
+    def _dead_letter(self, entry: Entry, reason: str, report: BatchReport) -> None:
+        self.tasks.dead_letter(entry, reason)
+        report.dead_lettered += 1
+        if self.metrics:
+            self.metrics.task_failures.labels(reason.split(":")[0][:40]).inc()
+
+    def _observe(self, rollouts: list[list[Rollout]], rewards: list[RewardBreakdown], report: BatchReport) -> None:
+        if not self.metrics:
+            return
+        flat = [rollout for group in rollouts for rollout in group]
+        for rollout in flat:
+            label = rollout.budget.label
+            self.metrics.rollouts.labels(label).inc()
+            self.metrics.generated_tokens.inc(len(rollout.completion_token_ids))
+            self.metrics.visual_tokens_kept.inc(rollout.visual_tokens_kept)
+            self.metrics.visual_tokens_seen.inc(rollout.visual_tokens_total)
+            self.metrics.reduction_ratio.labels(label).observe(rollout.reduction_ratio)
+        for reward in rewards:
+            for component in ("accuracy", "efficiency", "format", "total"):
+                self.metrics.reward.labels(component).observe(getattr(reward, component))
+        for phase, seconds in report.phase_seconds.items():
+            self.metrics.batch_phase_seconds.labels(phase).observe(seconds)
+        self.tasks.update_gauges()
+        self.trajectories.update_gauges()
+
+
+
+@contextmanager
+def _timed(report: BatchReport, phase: str) -> Iterator[None]:
+    """Add the wall time of the block to report.phase_seconds[phase]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + elapsed
