@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-faults demo bench lint clean
+.PHONY: setup test test-fast test-faults demo bench base-model lint clean
 
 setup:  ## create .venv, install vLLM (cpu by default; FLAVOR=gpu for CUDA), redis-server and the project
 	bash scripts/setup.sh
@@ -26,6 +26,13 @@ demo: .venv/bin/python  ## the main job: a Sparsity Forcing run on the tiny mode
 
 bench: .venv/bin/python  ## run every benchmark; each prints a table and writes bench/results/*.json
 	$(PY) bench/queue_throughput.py
+	$(PY) bench/reward_server.py
+	$(PY) bench/pruning.py
+	$(PY) bench/rollout_worker.py
+	$(PY) bench/weight_sync.py
+
+base-model: .venv/bin/python  ## rebuild the bundled tiny base model (SFT on the bundled tasks) into assets/
+	$(PY) -m learner.sft --out assets/tiny-qwen25vl
 
 lint: .venv/bin/python
 	$(PY) -m ruff check .

@@ -1,0 +1,20 @@
+"""The queue benchmark runs end to end in its quick mode and writes its JSON (keeps the script from rotting)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_queue_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/queue_throughput.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "queue_throughput.json").read_text())
+    assert [row["batch"] for row in written["queue"]] == [1, 16, 128]
+    assert all(row["entries_per_s"] > 0 for row in written["queue"])
+    assert written["redis_benchmark_xadd_per_s"] > 0 and "vs raw XADD" in result.stdout
