@@ -56,7 +56,7 @@ def parse_line(text: str, root: Path, check_image: bool = True) -> DatasetItem:
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")  # noqa: TRY004 (a line error)
     try:
         task = Task.model_validate(raw)
     except ValidationError as error:

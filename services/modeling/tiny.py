@@ -29,10 +29,7 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 # Words of the bundled tasks, so the trained BPE gives each answer one or two tokens even without a corpus.
 # Answers follow the template's "assistant\n", so they are listed alone too (no leading space); repeats
 # reach the trainer's min_frequency.
-_TASK_WORDS = (
-    "red green blue yellow purple orange circle square triangle diamond yes no "
-    "top left top right bottom left bottom right row column digit colour shape"
-).split()
+_TASK_WORDS = ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "diamond", "yes", "no", "top", "left", "top", "right", "bottom", "left", "bottom", "right", "row", "column", "digit", "colour", "shape"]
 BUILTIN_CORPUS: tuple[str, ...] = (
     *(_TASK_WORDS * 3),
     *[str(digit) for digit in range(10)],

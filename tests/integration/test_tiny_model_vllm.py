@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures.tiny_model import BUNDLED_TASKS, base_model_folder, vllm_engine  # noqa: F401
+
 from services.data import load_dataset, open_image
 from services.modeling import build_prompt, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer

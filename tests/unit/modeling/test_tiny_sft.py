@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ def test_schedule_warms_up_then_decays_to_five_percent() -> None:
     config = SFTConfig(out=Path("x"), steps=100, warmup_steps=10, learning_rate=1e-3)
     rates = [learning_rate_at(step, config) for step in range(100)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert learning_rate_at(100, config) == pytest.approx(5e-5)
 
 
