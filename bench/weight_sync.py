@@ -29,8 +29,9 @@ import torch
 from pydantic import SecretStr
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repo root goes first: bench/rollout_worker.py would otherwise shadow the rollout_worker package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS_DIR, print_table, save_results
 
