@@ -29,7 +29,7 @@ from reward_server.client import RewardClient  # noqa: E402
 from rollout_worker.worker import RolloutWorker  # noqa: E402
 from services.data.loader import load_dataset  # noqa: E402
 from services.queues import StreamQueue, connect_redis  # noqa: E402
-from services.schemas import Budget, TaskMessage, encode  # noqa: E402
+from services.schemas import Budget, TaskMessage, TrajectoryGroup, decode, encode  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 MODEL = ROOT / "assets" / "tiny-qwen25vl"
@@ -56,8 +56,8 @@ def run_budget_set(engine, settings: Settings, name: str, ratios: list[float], t
     run_settings = settings.model_copy(update={
         "sparsity": settings.sparsity.model_copy(
             update={"budgets": [Budget(kind="keep_ratio", value=ratio) for ratio in ratios]}),
-        "queues": settings.queues.model_copy(update={"tasks_stream": f"sf:bench:{len(ratios)}:tasks",
-                                                    "trajectories_stream": f"sf:bench:{len(ratios)}:traj"}),
+        "queues": settings.queues.model_copy(update={"tasks_stream": f"sf:bench:{name}:tasks",
+                                                    "trajectories_stream": f"sf:bench:{name}:traj"}),
     })
     client = connect_redis(run_settings.redis)
     worker = RolloutWorker(
@@ -78,8 +78,6 @@ def run_budget_set(engine, settings: Settings, name: str, ratios: list[float], t
             phases[phase] = phases.get(phase, 0.0) + seconds
     wall = time.perf_counter() - started
     for _id, fields in client.xrange(run_settings.queues.trajectories_stream):
-        from services.schemas import TrajectoryGroup, decode
-
         group = decode(TrajectoryGroup, fields[b"p"])
         tokens += sum(len(rollout.completion_token_ids) for rollout in group.rollouts)
     worker.close()

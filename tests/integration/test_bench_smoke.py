@@ -1,0 +1,33 @@
+"""Benchmarks run end to end in their quick modes and write their JSON (keeps the scripts from rotting)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_queue_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/queue_throughput.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "queue_throughput.json").read_text())
+    assert [row["batch"] for row in written["queue"]] == [1, 16, 128]
+    assert all(row["entries_per_s"] > 0 for row in written["queue"])
+    assert written["redis_benchmark_xadd_per_s"] > 0 and "vs raw XADD" in result.stdout
+
+
+def test_rollout_worker_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/rollout_worker.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads((tmp_path / "rollout_worker.json").read_text())
+    assert [row["budget_set"] for row in written["rows"]] == ["dense (all 1.0)", "mixed {1, .5, .25, .125}"]
+    for row in written["rows"]:
+        assert row["rollouts"] == 4 * 8 and row["rollouts_per_s"] > 0
+        assert 0 < row["generate_share"] <= 1
