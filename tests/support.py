@@ -30,6 +30,18 @@ def wait_for_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0.1") -
     raise TimeoutError(f"nothing listened on {host}:{port} within {timeout_s}s")
 
 
+def stop_process(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM a process, then SIGKILL it if it has not exited within timeout_s."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_s)
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, with AOF on, that a test can kill -9 and restart."""
 
@@ -78,13 +90,8 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate the server gracefully."""
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-            self.process = None
+        stop_process(self.process)
+        self.process = None
 
     def client(self) -> redis.Redis:
         """A plain client for assertions (no retries, so tests see the truth)."""

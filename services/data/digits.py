@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
 QUESTION_KINDS: tuple[str, ...] = ("digit_at", "is_digit", "read_grid")
@@ -38,11 +39,7 @@ class DigitGridSpec(BaseModel):
                 f"image_size={self.image_size} must be a multiple of 28*grid_size={28 * self.grid_size}, "
                 "so every cell covers whole visual tokens"
             )
-        unknown = set(self.question_mix) - set(QUESTION_KINDS)
-        if unknown or not any(weight > 0 for weight in self.question_mix.values()):
-            raise ValueError(f"question_mix={self.question_mix} needs positive weights over {QUESTION_KINDS}")
-        if any(weight < 0 for weight in self.question_mix.values()):
-            raise ValueError(f"question_mix={self.question_mix} has a negative weight")
+        check_question_mix(self.question_mix, QUESTION_KINDS)
         return self
 
     @property

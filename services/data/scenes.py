@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -54,11 +55,7 @@ class SceneSpec(BaseModel):
             )
         if not self.min_objects <= self.max_objects <= min(len(COLOURS), self.cells_per_side**2):
             raise ValueError(f"objects range [{self.min_objects}, {self.max_objects}] does not fit the canvas")
-        unknown = set(self.question_mix) - set(QUESTION_KINDS)
-        if unknown or not any(weight > 0 for weight in self.question_mix.values()):
-            raise ValueError(f"question_mix={self.question_mix} needs positive weights over {QUESTION_KINDS}")
-        if any(weight < 0 for weight in self.question_mix.values()):
-            raise ValueError(f"question_mix={self.question_mix} has a negative weight")
+        check_question_mix(self.question_mix, QUESTION_KINDS)
         return self
 
     @property

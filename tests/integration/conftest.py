@@ -96,14 +96,10 @@ class RewardServerProcess:
 
     def stop(self) -> None:
         """Terminate the server gracefully (SIGTERM), then kill it if it hangs."""
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-            self.process = None
+        from support import stop_process
+
+        stop_process(self.process)
+        self.process = None
 
 
 # Small limits keep the "too large" tests fast; the bench measures the defaults.
