@@ -10,7 +10,8 @@ setup:  ## create .venv, install vLLM (cpu by default; FLAVOR=gpu for CUDA), red
 .venv/bin/python:
 	bash scripts/setup.sh
 
-test: setup  ## the whole test suite (unit, integration, e2e); set-up is a no-op when up to date
+test: setup  ## lint, then the whole test suite (unit, integration, e2e); set-up is a no-op when up to date
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: .venv/bin/python  ## everything but the slow end-to-end tests

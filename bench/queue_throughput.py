@@ -18,12 +18,12 @@ from pydantic import SecretStr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, save_results  # noqa: E402
-from support import RedisServer  # noqa: E402
+from common import print_table, save_results
+from support import RedisServer
 
-from services.queues import StreamQueue, connect_redis  # noqa: E402
-from services.schemas import Budget, Rollout, decode, encode  # noqa: E402
-from services.settings import QueueSettings, RedisSettings  # noqa: E402
+from services.queues import StreamQueue, connect_redis
+from services.schemas import Budget, Rollout, decode, encode
+from services.settings import QueueSettings, RedisSettings
 
 
 def rollout_sized_message() -> Rollout:

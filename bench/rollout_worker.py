@@ -22,15 +22,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))  # before bench/: this script's name would shadow the rollout_worker package
 
-from common import print_table, save_results  # noqa: E402
-from support import RedisServer, free_port, wait_for_port  # noqa: E402
+from common import print_table, save_results
+from support import RedisServer, free_port, wait_for_port
 
-from reward_server.client import RewardClient  # noqa: E402
-from rollout_worker.worker import RolloutWorker  # noqa: E402
-from services.data.loader import load_dataset  # noqa: E402
-from services.queues import StreamQueue, connect_redis  # noqa: E402
-from services.schemas import Budget, TaskMessage, TrajectoryGroup, decode, encode  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from reward_server.client import RewardClient
+from rollout_worker.worker import RolloutWorker
+from services.data.loader import load_dataset
+from services.queues import StreamQueue, connect_redis
+from services.schemas import Budget, TaskMessage, TrajectoryGroup, decode, encode
+from services.settings import Settings
 
 MODEL = ROOT / "assets" / "tiny-qwen25vl"
 DATASET = ROOT / "assets" / "tasks" / "scenes" / "test.jsonl"

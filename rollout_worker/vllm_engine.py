@@ -20,7 +20,7 @@ from services.sparsity.scorers import build_scorer
 log = logging.getLogger(__name__)
 
 
-def build_llm(model_path: Path, settings: Settings):  # noqa: ANN201 - vllm.LLM is imported lazily
+def build_llm(model_path: Path, settings: Settings):
     """A vLLM engine for the policy, sized by settings.rollout (CPU KV cache or GPU memory share)."""
     rollout = settings.rollout
     if not torch.cuda.is_available():

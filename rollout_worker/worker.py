@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reward_server.client import RewardClient
 from rollout_worker.budgets import assign_group_budgets
 from rollout_worker.engine import PreparedRollout, RolloutEngine, TaskInputError
 from rollout_worker.weights import WeightWatcher
-from reward_server.client import RewardClient
 from services.data.loader import open_image, resolve_image
 from services.queues import Entry, StreamQueue
 from services.schemas import (

@@ -11,9 +11,9 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import RedisServer  # noqa: E402
+from support import RedisServer
 
-from services.settings import RedisSettings  # noqa: E402
+from services.settings import RedisSettings
 
 
 @pytest.fixture(scope="session")

@@ -85,8 +85,8 @@ THROUGHPUT = dashboard("sf-throughput", "Sparsity Forcing / Throughput", [
 
 SPARSITY = dashboard("sf-sparsity", "Sparsity Forcing / Sparsity", [
     panel("Reduction ratio by budget", [(mean_of("sf_reduction_ratio", "budget"), "{{budget}}")], "percentunit"),
-    panel("Visual tokens kept (share)", [("sum(rate(sf_visual_tokens_kept_total[5m])) / "
-                                          "sum(rate(sf_visual_tokens_seen_total[5m]))", "kept / seen")],
+    panel("Visual tokens kept (share)", [(("sum(rate(sf_visual_tokens_kept_total[5m])) / "
+                                           "sum(rate(sf_visual_tokens_seen_total[5m]))"), "kept / seen")],
           "percentunit"),
     panel("Accuracy by budget", [("sf_accuracy", "{{budget}}")], "percentunit"),
     panel("Reward components", [(mean_of("sf_rollout_reward", "component"), "{{component}}")]),

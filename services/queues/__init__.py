@@ -1,6 +1,11 @@
 """Redis Streams work queues shared by the services."""
 
-from services.queues.connection import InsecureRedisError, check_redis_security, connect_redis, is_loopback_host
+from services.queues.connection import (
+    InsecureRedisError,
+    check_redis_security,
+    connect_redis,
+    is_loopback_host,
+)
 from services.queues.streams import DeadLetter, Entry, QueueFull, StreamQueue
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from enum import Enum
@@ -134,7 +135,7 @@ class Rollout(WireModel):
                 f"{self.visual_tokens_total}"
             )
         indices = self.kept_indices
-        if any(b <= a for a, b in zip(indices, indices[1:])):
+        if any(b <= a for a, b in itertools.pairwise(indices)):
             raise ValueError("kept_indices must be strictly increasing (sorted, no duplicates)")
         if indices and (indices[0] < 0 or indices[-1] >= self.visual_tokens_total):
             raise ValueError(f"kept_indices must lie in [0, {self.visual_tokens_total})")

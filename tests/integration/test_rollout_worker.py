@@ -19,15 +19,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from pydantic import SecretStr
 
+from reward_server.client import RewardClient
 from rollout_worker.weights import WeightWatcher
 from rollout_worker.worker import RolloutWorker
-from reward_server.client import RewardClient
 from services.modeling import build_prompt, build_tiny_model, load_model_and_processor
 from services.modeling.pruned_forward import pruned_completion_logprobs
 from services.queues import StreamQueue, connect_redis
-from services.schemas import Budget, Task, TaskMessage, TrajectoryGroup, decode, encode
+from services.schemas import Task, TaskMessage, TrajectoryGroup, decode, encode
 from services.settings import Settings
 from services.telemetry import Telemetry
 from services.weights import announce_weights, publish_weights_folder

@@ -26,12 +26,12 @@ TASK = Task(id="t1", image="img/1.png", question="What colour is the circle?", a
 
 
 def make_rollout(**changes) -> Rollout:
-    fields = dict(
-        task_id="t1", rollout_index=0, budget=Budget(kind="keep_ratio", value=0.25),
-        prompt_token_ids=[1, 2, 3], completion_token_ids=[7, 8], completion_logprobs=[-0.1, -0.5],
-        completion_text="red", kept_indices=[0, 5, 9], visual_tokens_kept=3, visual_tokens_total=16,
-        policy_version=4,
-    )
+    fields = {
+        "task_id": "t1", "rollout_index": 0, "budget": Budget(kind="keep_ratio", value=0.25),
+        "prompt_token_ids": [1, 2, 3], "completion_token_ids": [7, 8], "completion_logprobs": [-0.1, -0.5],
+        "completion_text": "red", "kept_indices": [0, 5, 9], "visual_tokens_kept": 3, "visual_tokens_total": 16,
+        "policy_version": 4,
+    }
     fields.update(changes)
     return Rollout(**fields)
 
