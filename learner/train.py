@@ -39,7 +39,7 @@ def run_training(
 
     transformers_logging.disable_progress_bar()  # one save_pretrained bar per publish would drown the step log
     log = configure_logging(settings.telemetry, "learner")
-    telemetry = Telemetry("learner")
+    telemetry = Telemetry("learner").define("queue", "learner", "weights")
     if settings.telemetry.metrics_port and rank == 0:
         port = telemetry.serve(settings.telemetry.metrics_host, settings.telemetry.metrics_port)
         log.info("serving metrics", extra={"port": port})

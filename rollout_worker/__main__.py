@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sf-rollout-worker: {error}", file=sys.stderr)
         return 2
     log = configure_logging(settings.telemetry, "rollout_worker")
-    telemetry = Telemetry("rollout_worker")
+    telemetry = Telemetry("rollout_worker").define("queue", "rollout", "weights")
     if settings.telemetry.metrics_port:
         port = telemetry.serve(settings.telemetry.metrics_host, settings.telemetry.metrics_port)
         log.info("metrics", extra={"port": port})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,18 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float = 10.0) -> N
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=timeout_s)
+
+
+def exported_sample_names(exposition: str) -> set[str]:
+    """Every sample name a Prometheus text exposition can produce, from its # TYPE lines."""
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE):
+        names.add(name)
+        if kind == "counter":
+            names.add(name if name.endswith("_total") else name + "_total")
+        if kind == "histogram":
+            names.update({name + "_bucket", name + "_sum", name + "_count"})
+    return names
 
 
 class RedisServer:

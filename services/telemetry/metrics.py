@@ -76,6 +76,12 @@ class Telemetry:
         self.service = service
         self.registry = registry if registry is not None else CollectorRegistry()
 
+    def define(self, *groups: str) -> Telemetry:
+        """Create the named metric groups now, so /metrics lists them before their first sample."""
+        for group in groups:
+            getattr(self, group)
+        return self
+
     def exposition(self) -> bytes:
         """The registry in Prometheus text format, as /metrics serves it."""
         return generate_latest(self.registry)

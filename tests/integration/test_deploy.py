@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from support import exported_sample_names
 
 from services.telemetry import Telemetry
 
@@ -117,18 +118,6 @@ def test_dockerfile_installs_through_the_same_setup_script_as_make() -> None:
     assert "REDIS_PASSWORD" not in dockerfile and "TOKEN" not in dockerfile, "no secrets baked in"
 
 
-def exported_sample_names(exposition: str) -> set[str]:
-    """Every sample name a Prometheus text exposition can produce, from its # TYPE lines."""
-    names: set[str] = set()
-    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE):
-        names.add(name)
-        if kind == "counter":
-            names.add(name + "_total" if not name.endswith("_total") else name)
-        if kind == "histogram":
-            names.update({name + "_bucket", name + "_sum", name + "_count"})
-    return names
-
-
 def test_every_dashboard_query_names_an_exported_metric() -> None:
     telemetry = Telemetry("deploy-test")
     for group in ("queue", "rollout", "reward_server", "learner", "weights"):
@@ -142,3 +131,16 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
             for target in panel["targets"]:
                 for metric in re.findall(r"\bsf_[a-z0-9_]+", target["expr"]):
                     assert metric in exported, f"{path.name} panel {panel['title']!r} uses unknown {metric}"
+
+
+def test_every_config_the_compose_commands_name_loads_together() -> None:
+    from services.settings import load_settings
+
+    for compose_file in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        compose = yaml.load((REPO / compose_file).read_text(), Loader=ComposeLoader)
+        for name, service in compose["services"].items():
+            command = service.get("command") or []
+            configs = [command[i + 1] for i, arg in enumerate(command) if arg == "--config"]
+            if configs:
+                settings = load_settings([REPO / config for config in configs], environ={})
+                assert settings.reward_server.auth_required, f"{compose_file}:{name} must keep auth on"
