@@ -20,10 +20,8 @@ test-fast: .venv/bin/python  ## everything but the slow end-to-end tests
 test-faults: .venv/bin/python  ## the fault-injection suite alone
 	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
-demo: .venv/bin/python  ## the main job: a Sparsity Forcing run on the tiny model, end to end
-	@echo "make demo will run the whole loop (redis, Ray, a vLLM rollout worker, the reward server and the"
-	@echo "learner) on the bundled tiny model, then write a report with accuracy-vs-reduction plots."
-	@echo "It lands with the main-job issue; until then, see README.md for what each service does."
+demo: setup  ## the main job: a Sparsity Forcing run on the tiny model, end to end (DEMO_ARGS="--set learner.max_steps=5")
+	$(PY) -m learner.demo $(DEMO_ARGS)
 
 bench: .venv/bin/python  ## run every benchmark; each prints a table and writes bench/results/*.json
 	$(PY) bench/queue_throughput.py

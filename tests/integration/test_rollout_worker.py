@@ -5,6 +5,7 @@ One in-process engine serves the module; the crash test runs workers as real sub
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -193,8 +194,10 @@ def start_worker_process(config: Path, log: Path, redis_password: str, token: st
     env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
     env.update({"SF_REDIS__PASSWORD": redis_password, "SF_REWARD_SERVER__AUTH_TOKEN": token,
                 "PYTHONUNBUFFERED": "1"})
+    # Its own process group: a crash is modelled as the whole group dying (worker and vLLM engine core),
+    # as when a container or node goes down; a lone SIGKILL of the parent would orphan the engine core.
     return subprocess.Popen([sys.executable, "-m", "rollout_worker", "--config", str(config)], cwd=REPO, env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.slow
@@ -219,7 +222,7 @@ def test_a_worker_killed_mid_batch_loses_no_task_and_publishes_no_group_twice(
             time.sleep(0.2)
         assert read_groups(settings), (tmp_path / "first.log").read_text()
     finally:
-        first.send_signal(signal.SIGKILL)  # mid-run: its next batch is read but not published
+        os.killpg(first.pid, signal.SIGKILL)  # mid-run: its next batch is read but not published
         first.wait(timeout=30)
 
     second = start_worker_process(config, tmp_path / "second.log", redis_server.password, reward_server.token)
@@ -231,6 +234,8 @@ def test_a_worker_killed_mid_batch_loses_no_task_and_publishes_no_group_twice(
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(second.pid, signal.SIGKILL)
     groups = read_groups(settings)
     ids = [group.group_id for group in groups]
     assert sorted(group.task.id for group in groups) == sorted(f"task-{index}" for index in range(8))

@@ -1,0 +1,216 @@
+"""`make demo` / `python -m learner.demo`: the whole Sparsity Forcing loop on one machine, end to end.
+
+Starts a password-protected redis-server, the reward server (bearer token on), one rollout worker on vLLM and
+the learner (a Ray actor on a local Ray), all on free loopback ports, shows live progress, and writes
+runs/<run>/: settings.yaml, logs/, metrics.jsonl, checkpoints, weights, report.md and PNG plots. Every
+process it started is stopped at the end, on Ctrl-C and on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from learner.report import read_step_records, write_report
+from services.processes import Service, ServiceFailed, Supervisor, free_port, wait_until
+from services.settings import Settings, add_settings_arguments, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = [REPO / "configs" / "default.yaml", REPO / "configs" / "demo.yaml"]
+
+
+def metric_sum(exposition: str, sample_name: str, labels: dict[str, str] | None = None) -> float | None:
+    """Sum of a sample over the series whose labels include `labels`; None when absent."""
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total, found = total + sample.value, True
+    return total if found else None
+
+
+def scrape(port: int) -> str:
+    """A service's /metrics text, or '' while it is not up."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return ""
+
+
+def run_settings(args: argparse.Namespace, run_dir: Path, ports: dict[str, int]) -> Settings:
+    """The run's settings: demo defaults, the user's files and --set flags, then this run's ports and folder."""
+    placement = [
+        f"redis.url=redis://127.0.0.1:{ports['redis']}/0",
+        f"reward_server.port={ports['reward']}", "reward_server.host=127.0.0.1",
+        f"reward_server.url=http://127.0.0.1:{ports['reward']}",
+        f"learner.run_dir={run_dir}", "telemetry.metrics_host=127.0.0.1",
+    ]
+    return load_settings([*DEFAULT_CONFIGS, *args.config], [*args.overrides, *placement])
+
+
+def write_settings_file(settings: Settings, path: Path) -> None:
+    """The resolved settings every service loads; secrets stay out (they travel in the environment)."""
+    raw = settings.model_dump(mode="json")
+    raw["redis"]["password"] = None
+    raw["reward_server"]["auth_token"] = None
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def progress_table(records: list[dict[str, Any]], rollouts_per_s: float, worker_version: float | None,
+                   max_steps: int | None) -> Table:
+    """The live view: the last steps of the learner and the worker's throughput."""
+    table = Table(title=f"Sparsity Forcing demo — step {records[-1]['step'] if records else 0}/{max_steps or '?'}"
+                        f" · {rollouts_per_s:.1f} rollouts/s · worker on weights v{int(worker_version or 0)}")
+    for column in ("step", "reward", "accuracy", "reduction", "KL", "version", "step s"):
+        table.add_column(column, justify="right")
+    for record in records[-8:]:
+        table.add_row(str(record["step"]), f"{record['reward_total']:.3f}", f"{record['accuracy']:.3f}",
+                      f"{record['reduction_ratio']:.3f}", f"{record.get('kl_mean', 0.0):.4f}",
+                      str(record["policy_version"]), f"{record['step_seconds']:.2f}")
+    return table
+
+
+def start_stack(supervisor: Supervisor, settings_path: Path, settings: Settings, ports: dict[str, int],
+                env: dict[str, str], run_dir: Path) -> dict[str, Service]:
+    """Redis, reward server, rollout worker and learner, each waited for before the next depends on it."""
+    py = sys.executable
+    redis_dir = run_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    services = {"redis": supervisor.start("redis", [
+        "redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--dir", str(redis_dir),
+        "--requirepass", env["SF_REDIS__PASSWORD"], "--appendonly", "yes", "--save", ""], env)}
+    wait_until(lambda: _port_open(ports["redis"]), 30, supervisor)
+    services["reward"] = supervisor.start("reward_server", [py, "-m", "reward_server", "--config", str(settings_path)],
+                                          env, REPO)
+    wait_until(lambda: bool(scrape(ports["reward"])), 60, supervisor)
+    services["worker"] = supervisor.start("rollout_worker", [
+        py, "-m", "rollout_worker", "--config", str(settings_path), "--set",
+        f"telemetry.metrics_port={ports['worker_metrics']}"], env, REPO)
+    services["learner"] = supervisor.start("learner", [
+        py, "-m", "learner.train", "--config", str(settings_path), "--set",
+        f"telemetry.metrics_port={ports['learner_metrics']}"], env, REPO)
+    return services
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def follow_training(supervisor: Supervisor, services: dict[str, Service], run_dir: Path, settings: Settings,
+                    ports: dict[str, int], console: Console) -> dict[str, Any]:
+    """Show progress until the learner exits; returns what the summary needs."""
+    learner = services["learner"]
+    last_rollouts, last_time, rate, version = 0.0, time.monotonic(), 0.0, None
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+        while learner.process.poll() is None:
+            for name in ("redis", "reward", "worker"):
+                if services[name].process.poll() is not None:
+                    raise ServiceFailed(f"{services[name].name} exited with {services[name].process.returncode}; "
+                                        f"its log ends:\n{services[name].log_tail()}")
+            text = scrape(ports["worker_metrics"])
+            rollouts = metric_sum(text, "sf_rollouts_total") or 0.0
+            now = time.monotonic()
+            if now - last_time >= 5:
+                rate, last_rollouts, last_time = (rollouts - last_rollouts) / (now - last_time), rollouts, now
+            version = metric_sum(text, "sf_policy_version", {"service": "rollout_worker"}) or version
+            live.update(progress_table(read_step_records(run_dir / "metrics.jsonl"), rate, version,
+                                       settings.learner.max_steps))
+            time.sleep(1.0)
+    if learner.process.returncode != 0:
+        raise ServiceFailed(f"the learner exited with {learner.process.returncode}; its log ends:\n{learner.log_tail()}")
+    text = scrape(ports["worker_metrics"])
+    return {
+        "worker_policy_version": metric_sum(text, "sf_policy_version", {"service": "rollout_worker"}),
+        "rollouts_generated": metric_sum(text, "sf_rollouts_total"),
+        "groups_published": metric_sum(text, "sf_queue_entries_put_total",
+                                       {"stream": settings.queues.trajectories_stream}),
+    }
+
+
+def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, str], limit: int) -> str:
+    """Run sf-eval on the base and the last published weights; returns a markdown section ('' if skipped)."""
+    weights = sorted((run_dir / "weights").glob("v*"))
+    dataset = Path(settings.learner.datasets[0]).with_name("test.jsonl")
+    if not weights or not dataset.is_file():
+        return ""
+    out = run_dir / "eval"
+    command = [sys.executable, "-m", "learner.evaluate", "--model", str(settings.learner.model_path or
+               settings.rollout.model_path), "--label", "base", "--model", str(weights[-1]), "--label", "trained",
+               "--dataset", str(dataset), "--limit", str(limit), "--out", str(out),
+               "--budgets", "r=1,r=0.5,r=0.25,r=0.125,tau=0.94,tau=0.975"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    (run_dir / "logs" / "eval.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        return f"Evaluation failed (exit {result.returncode}); see logs/eval.log."
+    plots = sorted(out.glob("*.png"))
+    images = "\n".join(f"![{plot.stem}](eval/{plot.name})" for plot in plots)
+    tables = sorted(out.glob("*.md"))
+    return images + "\n\n" + "\n".join(table.read_text() for table in tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; exit code 0 when the learner finished its steps and the report was written."""
+    parser = argparse.ArgumentParser(prog="sf-demo", description=__doc__)
+    add_settings_arguments(parser)
+    parser.add_argument("--run-name", default=None, help="folder under the runs root (default: demo-<time>)")
+    parser.add_argument("--runs-root", type=Path, default=REPO / "runs", help="where run folders go")
+    parser.add_argument("--eval-limit", type=int, default=200, help="test items per model in the final evaluation")
+    parser.add_argument("--no-eval", action="store_true", help="skip the base-vs-trained evaluation")
+    args = parser.parse_args(argv)
+    console = Console()
+    run_dir = args.runs_root.resolve() / (args.run_name or time.strftime("demo-%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ports = {name: free_port() for name in ("redis", "reward", "worker_metrics", "learner_metrics")}
+    settings = run_settings(args, run_dir, ports)
+    settings_path = run_dir / "settings.yaml"
+    write_settings_file(settings, settings_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
+    env.update({"SF_REDIS__PASSWORD": secrets.token_urlsafe(24),
+                "SF_REWARD_SERVER__AUTH_TOKEN": secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"})
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    console.print(f"[bold]Sparsity Forcing demo[/bold] → {run_dir} (logs in {run_dir / 'logs'})")
+    try:
+        with Supervisor(run_dir / "logs") as supervisor:
+            services = start_stack(supervisor, settings_path, settings, ports, env, run_dir)
+            console.print("services up: redis, reward server, rollout worker (vLLM starting), learner")
+            summary |= follow_training(supervisor, services, run_dir, settings, ports, console)
+        summary["training_minutes"] = round((time.monotonic() - started) / 60, 2)
+        evaluation = "" if args.no_eval else evaluate_base_and_trained(settings, run_dir, env, args.eval_limit)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every service was stopped[/yellow]")
+        write_report(run_dir, summary | {"status": "interrupted"})
+        return 130
+    except (ServiceFailed, TimeoutError) as error:
+        console.print(f"[red]demo failed: {error}[/red]")
+        write_report(run_dir, summary | {"status": f"failed: {str(error).splitlines()[0]}"})
+        return 1
+    records = read_step_records(run_dir / "metrics.jsonl")
+    summary |= {"status": "finished", "learner_steps": len(records)}
+    report = write_report(run_dir, summary, evaluation)
+    console.print(f"[green]done[/green]: {len(records)} learner steps in {summary['training_minutes']} min; "
+                  f"report {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

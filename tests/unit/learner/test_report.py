@@ -1,0 +1,25 @@
+"""The run report reads step records and renders a table and a plot."""
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from learner.report import markdown_table, read_step_records, write_report
+
+
+def test_report_has_every_step_and_a_plot(tmp_path: Path) -> None:
+    records = [{"step": step, "reward_total": 0.1 * step, "accuracy": 0.5, "reduction_ratio": 0.25 * step,
+                "kl_mean": 0.0, "policy_version": step, "step_seconds": 1.5} for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert read_step_records(tmp_path / "metrics.jsonl") == records
+    report = write_report(tmp_path, {"steps": 3}, evaluation_md="| budget | accuracy |")
+    text = report.read_text()
+    assert "| 3 | 0.300 | 0.500 | 0.750 |" in text and "- steps: 3" in text and "Base against trained" in text
+    with Image.open(tmp_path / "training_curves.png") as image:
+        assert image.size[0] > 600
+
+
+def test_a_run_without_steps_says_so(tmp_path: Path) -> None:
+    assert "No learner step" in write_report(tmp_path, {}).read_text()
+    assert markdown_table([]).count("\n") == 2
