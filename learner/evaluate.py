@@ -1,0 +1,402 @@
+"""`sf-eval`: accuracy against visual-token reduction, per budget, for one model or two (base vs trained).
+
+Run: `sf-eval --model FOLDER [--label NAME] [--model FOLDER2 --label NAME2] --dataset TASKS.jsonl
+--budgets r=1,r=0.5,tau=0.975 --out DIR` (or `python -m learner.evaluate ...`). It prints a table and
+writes DIR/eval.json, DIR/accuracy_vs_reduction.png and DIR/predictions-<label>.jsonl.
+
+How each number is measured:
+- accuracy: greedy completions (temperature 0) from the pruned rollout path the workers use
+  (``services.rollout.pruned``: score each image once, every budget selects from those scores, one vLLM
+  batch), judged by the reward server's checkers (``check_answer`` by answer_type). 95% CI: Wilson.
+- reduction ratio: 1 - kept/total visual tokens of each request; mean, std (population), min and max.
+- prefill time: each budget's batch (the first --speed-items items) run through ``llm.generate`` with
+  max_tokens=1 after resetting vLLM's prefix, encoder and multimodal caches; wall time / requests. It
+  includes vLLM's vision tower on the whole image (pruning happens after it) and one sampled token, and
+  excludes the HF scorer (reported once per model as score_ms_per_item).
+- decode tokens/s: the same batch again with max_tokens=--decode-tokens and ignore_eos (every request
+  decodes exactly that many tokens, however short its answer), caches reset again; tokens after each
+  request's first, divided by the extra wall time over the prefill run. A batch throughput, not one
+  stream's speed; the fixed length keeps the decode time well above the prefill run's jitter.
+  Both wall times are medians over --speed-repeats runs; on a tiny model the decode rate is mostly
+  engine overhead, so read small differences between budgets as noise.
+- KV-cache entries per request: the prompt as vLLM ran it (len(kept) image placeholders + text) plus
+  the completion, from the accuracy run (an upper bound by one: the last sampled token is never fed back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from learner.eval_metrics import BatchTiming, BudgetParseError, ItemOutcome, parse_budgets, summarize_budget
+from services.data.loader import DatasetError, DatasetItem, load_dataset, open_image
+from services.schemas.models import Budget
+from services.settings import SettingsError, add_settings_arguments, settings_from_args
+from services.settings.models import Settings
+
+DEFAULT_BUDGETS = "r=1,r=0.5,r=0.25,r=0.125,tau=0.975"
+JSON_NAME = "eval.json"
+PLOT_NAME = "accuracy_vs_reduction.png"
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot go on (e.g. a task whose reference answer cannot be checked)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: its HF folder and the name its curve and rows carry."""
+
+    label: str
+    path: Path
+
+
+def _budgets_argument(text: str) -> list[Budget]:
+    try:
+        return parse_budgets(text)
+    except BudgetParseError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI flags: models, dataset, budgets, sizes, output folder, plus --config/--set."""
+    parser = argparse.ArgumentParser(prog="sf-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, type=Path, metavar="FOLDER",
+                        help="HF model folder; give it twice to compare two models (e.g. base, trained)")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME",
+                        help="name of each --model in the table and plot (default: the folder name)")
+    parser.add_argument("--dataset", required=True, type=Path, metavar="JSONL", help="task file to evaluate on")
+    parser.add_argument("--budgets", type=_budgets_argument, default=parse_budgets(DEFAULT_BUDGETS),
+                        metavar="LIST", help=f"comma-separated r=<keep ratio> / tau=<mass> (default {DEFAULT_BUDGETS})")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="completion length cap (default: rollout.max_new_tokens)")
+    parser.add_argument("--batch-items", type=int, default=32, metavar="N",
+                        help="items per vLLM batch of the accuracy run (each with every budget)")
+    parser.add_argument("--speed-items", type=int, default=64, metavar="N",
+                        help="items of each budget's timing runs (0 skips the speed columns)")
+    parser.add_argument("--speed-repeats", type=int, default=3, metavar="K",
+                        help="timing runs per budget; the speed columns use the median wall times")
+    parser.add_argument("--decode-tokens", type=int, default=64, metavar="N",
+                        help="tokens every request decodes in the timing runs (ignore_eos), >= 2")
+    parser.add_argument("--out", type=Path, default=Path("eval-results"), metavar="DIR",
+                        help="folder for eval.json, the plot and the predictions")
+    add_settings_arguments(parser)
+    return parser
+
+
+def model_specs(paths: Sequence[Path], labels: Sequence[str]) -> list[ModelSpec]:
+    """Pair --model folders with --label names; refuse missing folders, >2 models and label mismatches."""
+    if len(paths) > 2:
+        raise ValueError(f"--model given {len(paths)} times; sf-eval compares at most two models")
+    if labels and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} --label for {len(paths)} --model; give one label per model or none")
+    for path in paths:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {path} is not a model folder (no config.json there)")
+    names = list(labels) or [path.resolve().name for path in paths]
+    if len(set(names)) < len(names):
+        if labels:
+            raise ValueError(f"--label values repeat ({', '.join(labels)}); each model needs its own")
+        names = [f"{name}#{index + 1}" for index, name in enumerate(names)]
+    return [ModelSpec(label, path) for label, path in zip(names, paths)]
+
+
+def stored_dtype(model_path: Path, configured: str) -> str:
+    """vLLM dtype to run: the configured one, or for 'auto' the checkpoint's own dtype.
+
+    vLLM's 'auto' downcasts a float32 checkpoint to 16 bits, while the scorer and the learner run it in
+    float32; greedy answers would then judge a different model than the one trained.
+    """
+    if configured != "auto":
+        return configured
+    config = json.loads((model_path / "config.json").read_text())
+    text_config = config.get("text_config") or {}
+    return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _reset_caches(llm: Any) -> None:
+    # Each timed run must redo vision tower and prefill: no KV blocks or embeddings from earlier runs.
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
+def judge(item: DatasetItem, completion: str, rel_tol: float, abs_tol: float) -> tuple[bool, str | None]:
+    """Whether a completion answers the item correctly, by the reward server's checker; and what it read."""
+    from reward_server.rewards import InvalidReferenceError, check_answer
+
+    task = item.task
+    try:
+        result = check_answer(completion, task.answer, task.answer_type, task.choices, rel_tol, abs_tol)
+    except InvalidReferenceError as error:
+        raise EvaluationError(f"task {task.id}: {error.field}: {error}") from error
+    return result.correct, result.parsed_answer
+
+
+class ModelEvaluator:
+    """One model loaded twice over (HF scorer + vLLM engine), evaluated on every budget."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        import torch
+
+        from rollout_worker.vllm_engine import build_llm
+        from services.modeling import load_model_and_processor
+        from services.sparsity.scorers import build_scorer
+
+        self.spec = spec
+        self.settings = settings
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.processor = load_model_and_processor(spec.path, device=device)
+        self.scorer = build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer)
+        self.llm = build_llm(spec.path, settings)
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def accuracy_run(
+        self, items: Sequence[DatasetItem], budgets: Sequence[Budget], max_new_tokens: int, batch_items: int
+    ) -> tuple[dict[str, list[ItemOutcome]], list[dict[str, object]], dict[str, list[Any]], float]:
+        """Greedy answers for every (item, budget): outcomes per budget, prediction records, the rollouts
+        per budget (for the timing runs) and the HF scoring time per item in ms."""
+        import torch
+        from tqdm import tqdm
+        from vllm import SamplingParams
+
+        from services.rollout.pruned import PrunedRequest, pruned_rollouts
+
+        rewards = self.settings.reward_server.rewards
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        outcomes: dict[str, list[ItemOutcome]] = {budget.label: [] for budget in budgets}
+        rollouts: dict[str, list[Any]] = {budget.label: [] for budget in budgets}
+        predictions: list[dict[str, object]] = []
+        score_s = 0.0
+        for chunk in tqdm(_chunks(items, batch_items), desc=f"{self.spec.label}: accuracy", unit="batch"):
+            images = [open_image(item.image_path) for item in chunk]
+            # One image object per item: pruned_rollouts scores each (image, question) once for all budgets.
+            requests = [PrunedRequest(image, item.task.question, budget)
+                        for item, image in zip(chunk, images) for budget in budgets]
+            with torch.no_grad():
+                results = pruned_rollouts(self.llm, self.model, self.processor, self.scorer, requests, greedy)
+            score_s += results[0].score_s * len(results)
+            for request_index, result in enumerate(results):
+                item = chunk[request_index // len(budgets)]
+                correct, parsed = judge(item, result.completion_text, rewards.number_rel_tolerance,
+                                        rewards.number_abs_tolerance)
+                label = result.budget.label
+                rollouts[label].append(result)
+                outcomes[label].append(ItemOutcome(
+                    correct=correct, visual_tokens_kept=result.visual_tokens_kept,
+                    visual_tokens_total=result.visual_tokens_total,
+                    engine_prompt_tokens=len(result.engine_prompt_token_ids),
+                    completion_tokens=len(result.completion_token_ids),
+                ))
+                predictions.append({
+                    "id": item.task.id, "budget": label, "answer": item.task.answer, "correct": correct,
+                    "parsed_answer": parsed, "completion": result.completion_text,
+                    "visual_tokens_kept": result.visual_tokens_kept,
+                    "visual_tokens_total": result.visual_tokens_total,
+                })
+        return outcomes, predictions, rollouts, 1000.0 * score_s / len(items)
+
+    def timing_run(
+        self, items: Sequence[DatasetItem], rollouts: Sequence[Any], decode_tokens: int, repeats: int
+    ) -> BatchTiming:
+        """One budget's batch run max_tokens=1 then full length, `repeats` times, on cold caches (module doc)."""
+        from vllm import SamplingParams
+
+        from services.modeling import build_prompt
+        from services.rollout.pruned import engine_request
+        from services.sparsity.budgets import Selection
+
+        requests = [
+            engine_request(build_prompt(self.processor, item.task.question), open_image(item.image_path),
+                           Selection(rollout.kept_indices, rollout.visual_tokens_total))
+            for item, rollout in zip(items, rollouts)
+        ]
+        walls: dict[int, list[float]] = {1: [], decode_tokens: []}
+        tokens = 0
+        for max_tokens in [1, decode_tokens] * repeats:
+            # ignore_eos: every request decodes exactly max_tokens, so the decode rate is measured over
+            # a fixed, known length (greedy answers are often one or two tokens long).
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            _reset_caches(self.llm)
+            started = time.perf_counter()
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            walls[max_tokens].append(time.perf_counter() - started)
+            tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+        return BatchTiming(requests=len(requests), prefill_s=statistics.median(walls[1]),
+                           full_s=statistics.median(walls[decode_tokens]), full_completion_tokens=tokens,
+                           repeats=repeats)
+
+
+def evaluate_model(
+    spec: ModelSpec, settings: Settings, items: Sequence[DatasetItem], budgets: Sequence[Budget],
+    max_new_tokens: int, batch_items: int, speed_items: int, speed_repeats: int = 3, decode_tokens: int = 64,
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """The model's summary (one row per budget) and its prediction records."""
+    dtype = stored_dtype(spec.path, settings.rollout.vllm_dtype)
+    settings = settings.model_copy(update={"rollout": settings.rollout.model_copy(update={"vllm_dtype": dtype})})
+    evaluator = ModelEvaluator(spec, settings)
+    try:
+        outcomes, predictions, rollouts, score_ms = evaluator.accuracy_run(items, budgets, max_new_tokens, batch_items)
+        timed = items[:speed_items]
+        rows = []
+        for budget in budgets:
+            timing = None
+            if timed:
+                timing = evaluator.timing_run(timed, rollouts[budget.label][: len(timed)], decode_tokens,
+                                              speed_repeats)
+            rows.append(summarize_budget(budget, outcomes[budget.label], timing))
+    finally:
+        evaluator.close()
+    summary = {"label": spec.label, "path": str(spec.path), "vllm_dtype": dtype,
+               "score_ms_per_item": score_ms, "rows": rows}
+    return summary, predictions
+
+
+def _format_speed(row: dict[str, Any]) -> tuple[str, str]:
+    speed = row["speed"]
+    if speed is None:
+        return "-", "-"
+    decode = speed["decode_tokens_per_s"]
+    return f"{speed['prefill_ms_per_request']:.1f}", "-" if decode is None else f"{decode:.0f}"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The results as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sf-eval: {results['dataset']} ({results['items']} items, greedy, "
+                        f"max {results['max_new_tokens']} new tokens)")
+    for column in ("model", "budget", "reduction mean ± std [min, max]", "accuracy [95% CI]",
+                   "prefill ms/req", f"decode tok/s ({results['decode_tokens']}-token runs)", "KV entries/req"):
+        table.add_column(column, justify="left" if column in ("model", "budget") else "right")
+    for model in results["models"]:
+        for row in model["rows"]:
+            low, high = row["accuracy_ci95"]
+            table.add_row(
+                model["label"], row["budget"],
+                f"{row['reduction_mean']:.3f} ± {row['reduction_std']:.3f} "
+                f"[{row['reduction_min']:.3f}, {row['reduction_max']:.3f}]",
+                f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}]", *_format_speed(row),
+                f"{row['kv_entries_mean']:.1f}",
+            )
+    Console(width=160).print(table)
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Accuracy (Wilson 95% CI bars) against mean reduction ratio, one curve per model, points labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for model in results["models"]:
+        rows = sorted(model["rows"], key=lambda row: row["reduction_mean"])
+        xs = [row["reduction_mean"] for row in rows]
+        ys = [row["accuracy"] for row in rows]
+        errors = [[row["accuracy"] - row["accuracy_ci95"][0] for row in rows],
+                  [row["accuracy_ci95"][1] - row["accuracy"] for row in rows]]
+        line = axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=model["label"])
+        for index, (row, x, y) in enumerate(zip(rows, xs, ys)):
+            # Alternate above/below: budgets that prune little sit close together near x = 0.
+            axes.annotate(row["budget"], (x, y), textcoords="offset points", xytext=(6, 12 if index % 2 else -16),
+                          fontsize=8, color=line[0].get_color(),
+                          bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "lw": 0})
+    axes.set_xlabel("visual-token reduction ratio (mean)")
+    axes.set_ylabel("accuracy (95% Wilson CI)")
+    axes.set_xlim(-0.05, 1.05)
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    dataset = Path(results["dataset"])
+    axes.set_title(f"{dataset.parent.name}/{dataset.name}: accuracy vs reduction ({results['items']} items)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _file_label(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str, object]]], out: Path) -> None:
+    """eval.json, the plot and one predictions JSONL per model, into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JSON_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    plot_results(results, out / PLOT_NAME)
+    for label, records in predictions.items():
+        with (out / f"predictions-{_file_label(label)}.jsonl").open("w") as lines:
+            lines.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Evaluate every model on every budget; write and return the results."""
+    specs = model_specs(args.model, args.label)
+    items = load_dataset(args.dataset)[: args.limit]
+    max_new_tokens = args.max_new_tokens or settings.rollout.max_new_tokens
+    results: dict[str, Any] = {
+        "dataset": str(args.dataset), "items": len(items), "budgets": [b.label for b in args.budgets],
+        "decoding": "greedy", "max_new_tokens": max_new_tokens, "speed_items": min(args.speed_items, len(items)),
+        "speed_repeats": args.speed_repeats, "decode_tokens": args.decode_tokens,
+        "scorer": settings.sparsity.scorer, "scorer_layer": settings.sparsity.scorer_layer,
+        "models": [], "plot": PLOT_NAME,
+    }
+    predictions = {}
+    for spec in specs:
+        summary, predictions[spec.label] = evaluate_model(
+            spec, settings, items, args.budgets, max_new_tokens, args.batch_items, args.speed_items,
+            args.speed_repeats, args.decode_tokens)
+        results["models"].append(summary)
+    write_outputs(results, predictions, args.out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, evaluate, print the table; exit 2 with a clear message on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("limit", "max_new_tokens", "batch_items", "speed_repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.speed_items < 0:
+        parser.error(f"--speed-items must be >= 0, got {args.speed_items}")
+    if args.decode_tokens < 2:
+        parser.error(f"--decode-tokens must be >= 2 (one prefill token plus decoding), got {args.decode_tokens}")
+    try:
+        model_specs(args.model, args.label)
+        settings = settings_from_args(args)
+    except (ValueError, SettingsError) as error:
+        parser.error(str(error))
+    # vLLM logs every engine step at INFO; the table is this tool's output.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        results = run(args, settings)
+    except (DatasetError, FileNotFoundError, EvaluationError) as error:
+        print(f"sf-eval: error: {error}", file=sys.stderr)
+        return 2
+    print_table(results)
+    print(f"wrote {args.out / JSON_NAME} and {args.out / PLOT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
