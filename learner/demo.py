@@ -9,6 +9,7 @@ process it started is stopped at the end, on Ctrl-C and on failure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -145,6 +146,19 @@ def follow_training(supervisor: Supervisor, services: dict[str, Service], run_di
     }
 
 
+def evaluation_markdown(evaluation: dict[str, Any]) -> str:
+    """sf-eval's results as the report's plot and one table row per (model, budget)."""
+    lines = [f"![accuracy against reduction](eval/{Path(evaluation['plot']).name})", "",
+             "| model | budget | reduction | accuracy [95% CI] | prefill ms/req | KV entries/req |", "|---|---|---|---|---|---|"]
+    for model in evaluation["models"]:
+        for row in model["rows"]:
+            low, high = row["accuracy_ci95"]
+            lines.append(f"| {model['label']} | {row['budget']} | {row['reduction_mean']:.3f} | {row['accuracy']:.3f} "
+                         f"[{low:.3f}, {high:.3f}] | {row['speed']['prefill_ms_per_request']:.1f} | "
+                         f"{row['kv_entries_mean']:.1f} |")
+    return "\n".join(lines)
+
+
 def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, str], limit: int) -> str:
     """Run sf-eval on the base and the last published weights; returns a markdown section ('' if skipped)."""
     weights = sorted((run_dir / "weights").glob("v*"))
@@ -160,10 +174,7 @@ def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, 
     (run_dir / "logs" / "eval.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         return f"Evaluation failed (exit {result.returncode}); see logs/eval.log."
-    plots = sorted(out.glob("*.png"))
-    images = "\n".join(f"![{plot.stem}](eval/{plot.name})" for plot in plots)
-    tables = sorted(out.glob("*.md"))
-    return images + "\n\n" + "\n".join(table.read_text() for table in tables)
+    return evaluation_markdown(json.loads((out / "eval.json").read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

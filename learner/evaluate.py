@@ -111,19 +111,6 @@ def model_specs(paths: Sequence[Path], labels: Sequence[str]) -> list[ModelSpec]
     return [ModelSpec(label, path) for label, path in zip(names, paths)]
 
 
-def stored_dtype(model_path: Path, configured: str) -> str:
-    """vLLM dtype to run: the configured one, or for 'auto' the checkpoint's own dtype.
-
-    vLLM's 'auto' downcasts a float32 checkpoint to 16 bits, while the scorer and the learner run it in
-    float32; greedy answers would then judge a different model than the one trained.
-    """
-    if configured != "auto":
-        return configured
-    config = json.loads((model_path / "config.json").read_text())
-    text_config = config.get("text_config") or {}
-    return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
-
-
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -249,8 +236,9 @@ def evaluate_model(
     max_new_tokens: int, batch_items: int, speed_items: int, speed_repeats: int = 3, decode_tokens: int = 64,
 ) -> tuple[dict[str, object], list[dict[str, object]]]:
     """The model's summary (one row per budget) and its prediction records."""
+    from rollout_worker.vllm_engine import stored_dtype  # vllm loads lazily, after argument checks
+
     dtype = stored_dtype(spec.path, settings.rollout.vllm_dtype)
-    settings = settings.model_copy(update={"rollout": settings.rollout.model_copy(update={"vllm_dtype": dtype})})
     evaluator = ModelEvaluator(spec, settings)
     try:
         outcomes, predictions, rollouts, score_ms = evaluator.accuracy_run(items, budgets, max_new_tokens, batch_items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,6 +21,19 @@ from services.sparsity.scorers import build_scorer
 log = logging.getLogger(__name__)
 
 
+def stored_dtype(model_path: Path, configured: str) -> str:
+    """vLLM dtype to run: the configured one, or for 'auto' the checkpoint's own dtype.
+
+    vLLM's 'auto' downcasts a float32 checkpoint to 16 bits, while the scorer and the learner run it in
+    float32; greedy answers would then judge a different model than the one trained.
+    """
+    if configured != "auto":
+        return configured
+    config = json.loads((model_path / "config.json").read_text())
+    text_config = config.get("text_config") or {}
+    return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
+
+
 def build_llm(model_path: Path, settings: Settings):
     """A vLLM engine for the policy, sized by settings.rollout (CPU KV cache or GPU memory share)."""
     rollout = settings.rollout
@@ -30,7 +44,7 @@ def build_llm(model_path: Path, settings: Settings):
 
     return LLM(
         model=str(model_path),
-        dtype=rollout.vllm_dtype,
+        dtype=stored_dtype(Path(model_path), rollout.vllm_dtype),
         enforce_eager=rollout.vllm_enforce_eager,
         max_model_len=rollout.vllm_max_model_len,
         gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,

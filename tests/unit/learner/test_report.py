@@ -23,3 +23,15 @@ def test_report_has_every_step_and_a_plot(tmp_path: Path) -> None:
 def test_a_run_without_steps_says_so(tmp_path: Path) -> None:
     assert "No learner step" in write_report(tmp_path, {}).read_text()
     assert markdown_table([]).count("\n") == 2
+
+
+def test_evaluation_markdown_has_one_row_per_model_and_budget() -> None:
+    from learner.demo import evaluation_markdown
+
+    row = {"budget": "r=0.25", "reduction_mean": 0.75, "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6],
+           "speed": {"prefill_ms_per_request": 5.25}, "kv_entries_mean": 49.5}
+    text = evaluation_markdown({"plot": "/x/accuracy_vs_reduction.png",
+                                "models": [{"label": "base", "rows": [row]}, {"label": "trained", "rows": [row]}]})
+    assert "(eval/accuracy_vs_reduction.png)" in text
+    assert "| trained | r=0.25 | 0.750 | 0.500 [0.400, 0.600] | 5.2 | 49.5 |" in text
+    assert text.count("| r=0.25 |") == 2
