@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from learner.report import read_step_records, write_report
+from services.data.build import ensure_bundled_split
 from services.processes import Service, ServiceFailed, Supervisor, free_port, wait_until
 from services.settings import Settings, add_settings_arguments, load_settings
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-root", type=Path, default=REPO / "runs", help="where run folders go")
     parser.add_argument("--eval-limit", type=int, default=200, help="test items per model in the final evaluation")
     parser.add_argument("--no-eval", action="store_true", help="skip the base-vs-trained evaluation")
+    parser.add_argument("--train-items", type=int, default=2000,
+                        help="items to generate for a bundled train split that is missing")
     args = parser.parse_args(argv)
     console = Console()
     run_dir = args.runs_root.resolve() / (args.run_name or time.strftime("demo-%Y%m%d-%H%M%S"))
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = run_settings(args, run_dir, ports)
     settings_path = run_dir / "settings.yaml"
     write_settings_file(settings, settings_path)
+    for dataset in settings.learner.datasets:  # a fresh clone has the bundled test splits, not the train ones
+        ensure_bundled_split(REPO / dataset if not dataset.is_absolute() else dataset, args.train_items)
     env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
     env.update({"SF_REDIS__PASSWORD": secrets.token_urlsafe(24),
                 "SF_REWARD_SERVER__AUTH_TOKEN": secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"})

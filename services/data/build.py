@@ -86,3 +86,19 @@ def build_all(
         family: build_family(family, out_dir, seed, sizes, scene_spec, digit_spec, splits)
         for family in TASK_FAMILIES
     }
+
+
+def ensure_bundled_split(jsonl_path: str | Path, count: int, seed: int = 0) -> Path:
+    """Generate a missing bundled split (<root>/<family>/<split>.jsonl) deterministically; others must exist.
+
+    The train splits are not committed (they regenerate from the seed), so a fresh clone builds them on
+    first use; a path that is not a bundled family's split is only checked.
+    """
+    path = Path(jsonl_path)
+    if path.is_file():
+        return path
+    family, split = path.parent.name, path.stem
+    if family not in TASK_FAMILIES or split not in SPLITS:
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    sizes = SplitSizes(**{name: (count if name == split else 0) for name in SPLITS})
+    return build_family(family, path.parent.parent, seed=seed, sizes=sizes, splits=(split,))[split]
