@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = run_settings(args, run_dir, ports)
     settings_path = run_dir / "settings.yaml"
     write_settings_file(settings, settings_path)
-    for dataset in settings.learner.datasets:  # a fresh clone has the bundled test splits, not the train ones
+    for dataset in settings.learner.datasets:  # generated before the clock starts (the learner would do it too)
         ensure_bundled_split(REPO / dataset if not dataset.is_absolute() else dataset, args.train_items)
     env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
     env.update({"SF_REDIS__PASSWORD": secrets.token_urlsafe(24),

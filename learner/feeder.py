@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.data.build import ensure_bundled_split
 from services.data.loader import DatasetItem, load_dataset
 from services.queues import QueueFull, StreamQueue
 from services.schemas import TaskMessage, encode
@@ -36,13 +37,17 @@ def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_tasks).tolist()
 
 
+BUNDLED_TRAIN_ITEMS = 2000
+
+
 def load_tasks(paths: Sequence[Path]) -> list[tuple[DatasetItem, str]]:
     """Every task of every dataset file, with the folder its image path is relative to."""
     tasks: list[tuple[DatasetItem, str]] = []
     first_seen: dict[str, Path] = {}
     for path in paths:
         root = str(Path(path).resolve().parent)
-        for item in load_dataset(path):
+        # Bundled train splits are not committed: a fresh clone generates them (seeded) on first use.
+        for item in load_dataset(ensure_bundled_split(path, BUNDLED_TRAIN_ITEMS)):
             if item.task.id in first_seen:
                 # Trajectory groups name their task by id alone, so ids must be unique across datasets.
                 raise ValueError(f"task id {item.task.id!r} appears in both {first_seen[item.task.id]} and {path}")
