@@ -25,6 +25,17 @@ class SplitSizes(BaseModel):
     test: int = Field(300, ge=0, description="Test items.")
 
 
+def _generate(
+    family: str, seed: int, name: str, count: int, scene_spec: SceneSpec | None, digit_spec: DigitGridSpec | None,
+    pool: str,
+):
+    """The family's item generator for split or part `name`, seeded by (seed, name, family)."""
+    rng = np.random.default_rng(split_seed(seed, name, _FAMILY_SALT[family]))
+    if family == "scenes":
+        return generate_scenes(rng, scene_spec or SceneSpec(), name, count)
+    return generate_digit_grids(rng, digit_spec or DigitGridSpec(), name, count, pool=pool)
+
+
 def build_family(
     family: str,
     out_dir: str | Path,
@@ -42,11 +53,7 @@ def build_family(
     written: dict[str, Path] = {}
     for split in splits:
         count = getattr(sizes, split)
-        rng = np.random.default_rng(split_seed(seed, split, _FAMILY_SALT[family]))
-        if family == "scenes":
-            items = generate_scenes(rng, scene_spec or SceneSpec(), split, count)
-        else:
-            items = generate_digit_grids(rng, digit_spec or DigitGridSpec(), split, count)
+        items = _generate(family, seed, split, count, scene_spec, digit_spec, pool=split)
         written[split] = write_split(items, family_dir, split, total=count, label=family)
     return written
 
@@ -65,11 +72,7 @@ def build_part(
         raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
     if name in ("val", "test"):
         raise ValueError(f"part name={name!r} would overwrite an evaluation split")
-    rng = np.random.default_rng(split_seed(seed, name, _FAMILY_SALT[family]))
-    if family == "scenes":
-        items = generate_scenes(rng, scene_spec or SceneSpec(), name, count)
-    else:
-        items = generate_digit_grids(rng, digit_spec or DigitGridSpec(), name, count, pool="train")
+    items = _generate(family, seed, name, count, scene_spec, digit_spec, pool="train")
     return write_split(items, Path(out_dir) / family, name, total=count, label=family)
 
 
