@@ -123,10 +123,7 @@ def follow_training(supervisor: Supervisor, services: dict[str, Service], run_di
     last_rollouts, last_time, rate, version = 0.0, time.monotonic(), 0.0, None
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         while learner.process.poll() is None:
-            for name in ("redis", "reward", "worker"):
-                if services[name].process.poll() is not None:
-                    raise ServiceFailed(f"{services[name].name} exited with {services[name].process.returncode}; "
-                                        f"its log ends:\n{services[name].log_tail()}")
+            supervisor.check_alive(expected_to_exit=(learner.name,))
             text = scrape(ports["worker_metrics"])
             rollouts = metric_sum(text, "sf_rollouts_total") or 0.0
             now = time.monotonic()
@@ -178,6 +175,11 @@ def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, 
     return evaluation_markdown(json.loads((out / "eval.json").read_text()))
 
 
+def _interrupt(*_: object) -> None:
+    """SIGTERM handler: stop the demo the way Ctrl-C does, so every service is torn down."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit code 0 when the learner finished its steps and the report was written."""
     parser = argparse.ArgumentParser(prog="sf-demo", description=__doc__)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
     env.update({"SF_REDIS__PASSWORD": secrets.token_urlsafe(24),
                 "SF_REWARD_SERVER__AUTH_TOKEN": secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"})
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     console.print(f"[bold]Sparsity Forcing demo[/bold] → {run_dir} (logs in {run_dir / 'logs'})")

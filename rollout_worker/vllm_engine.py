@@ -15,7 +15,6 @@ from services.modeling import load_model_and_processor
 from services.rollout.pruned import PrunedRequest, pruned_rollouts
 from services.schemas import Rollout
 from services.settings import Settings
-from services.sparsity import KeepSetError
 from services.sparsity.scorers import build_scorer
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class VllmRolloutEngine:
             with torch.no_grad():
                 results = pruned_rollouts(self.llm, self.model, self.processor, self.scorer, requests,
                                           self.sampling_params)
-        except (KeepSetError, ValueError) as error:
+        except ValueError as error:  # KeepSetError and the processor's refusals of a bad image
             raise TaskInputError(str(error)) from error
         return [
             result.to_wire(item.request.task.id, item.request.rollout_index, policy_version)

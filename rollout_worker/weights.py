@@ -51,7 +51,7 @@ class WeightWatcher:
         try:
             announced = latest_weight_version(self.client, self.run_name)
         except DecodeError as error:
-            self._refuse(-1, f"unreadable announcement: {error}")
+            self._refuse(-1, "unreadable", f"unreadable announcement: {error}")
             return False
         if announced is None or announced.version <= self.version or announced.version in self.refused:
             return False
@@ -63,7 +63,7 @@ class WeightWatcher:
             folder = verify_weights(announced)
             self.load(folder)
         except WeightIntegrityError as error:
-            self._refuse(announced.version, str(error))
+            self._refuse(announced.version, "integrity", str(error))
             return False
         elapsed = time.perf_counter() - started
         self.version = announced.version
@@ -73,8 +73,8 @@ class WeightWatcher:
         log.info("loaded weights", extra={"version": announced.version, "seconds": round(elapsed, 3)})
         return True
 
-    def _refuse(self, version: int, reason: str) -> None:
+    def _refuse(self, version: int, kind: str, reason: str) -> None:
         self.refused[version] = reason
         if self.metrics:
-            self.metrics.sync_failures.labels(reason.split(":")[0][:40] if version < 0 else "integrity").inc()
+            self.metrics.sync_failures.labels(kind).inc()
         log.error("refused weights", extra={"version": version, "reason": reason})

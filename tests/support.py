@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -53,6 +54,17 @@ def exported_sample_names(exposition: str) -> set[str]:
         if kind == "histogram":
             names.update({name + "_bucket", name + "_sum", name + "_count"})
     return names
+
+
+def dashboard_metric_uses(dashboards_dir: Path) -> list[tuple[str, str]]:
+    """(where, metric) for every sf_* metric a Grafana dashboard query names; where = 'file: panel title'."""
+    uses = []
+    for path in sorted(dashboards_dir.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                uses += [(f"{path.name}: {panel['title']!r}", metric)
+                         for metric in re.findall(r"\bsf_[a-z0-9_]+", target["expr"])]
+    return uses
 
 
 class RedisServer:
