@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.data.build import ensure_bundled_split
-from services.data.loader import DatasetItem, load_dataset
+from services.data.loader import DatasetError, DatasetItem, load_dataset, parse_line
 from services.queues import QueueFull, StreamQueue
 from services.schemas import TaskMessage, encode
 
@@ -40,19 +41,66 @@ def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
 BUNDLED_TRAIN_ITEMS = 2000
 
 
-def load_tasks(paths: Sequence[Path]) -> list[tuple[DatasetItem, str]]:
-    """Every task of every dataset file, with the folder its image path is relative to."""
+@dataclass(frozen=True)
+class BadLine:
+    """A dataset line that cannot become a task: where it is ('file:line'), its raw bytes, and why."""
+
+    where: str
+    raw: bytes
+    reason: str
+
+
+def _scan_lines(path: Path, seen: dict[str, Path]) -> tuple[list[DatasetItem], list[BadLine]]:
+    """Every line of a JSONL file parsed on its own: the good items and each bad line with its reason."""
+    items: list[DatasetItem] = []
+    bad: list[BadLine] = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            item = parse_line(raw.decode("utf-8"), Path(path).parent)
+        except UnicodeDecodeError as error:
+            bad.append(BadLine(where, raw, f"not UTF-8 text (byte {error.start} is {raw[error.start]:#04x})"))
+            continue
+        except ValueError as error:
+            bad.append(BadLine(where, raw, str(error)))
+            continue
+        if item.task.id in seen:
+            first = seen[item.task.id]
+            clash = "repeats an earlier line" if first == Path(path) else f"appears in both {first} and {path}"
+            bad.append(BadLine(where, raw, f"task id {item.task.id!r} {clash}"))
+            continue
+        seen[item.task.id] = Path(path)
+        items.append(item)
+    return items, bad
+
+
+def load_tasks(paths: Sequence[Path], bad_lines: list[BadLine] | None = None) -> list[tuple[DatasetItem, str]]:
+    """Every task of every dataset file, with the folder its image path is relative to.
+
+    A bad line (unparseable, failing the Task schema, not UTF-8, a missing or escaping image, a repeated
+    id) raises, naming every bad line as file:line, unless `bad_lines` is given: then each is appended
+    there with its reason (for the caller to dead-letter) and the good lines are returned.
+    """
     tasks: list[tuple[DatasetItem, str]] = []
     first_seen: dict[str, Path] = {}
     for path in paths:
         root = str(Path(path).resolve().parent)
         # Bundled train splits are not committed: a fresh clone generates them (seeded) on first use.
-        for item in load_dataset(ensure_bundled_split(path, BUNDLED_TRAIN_ITEMS)):
-            if item.task.id in first_seen:
-                # Trajectory groups name their task by id alone, so ids must be unique across datasets.
-                raise ValueError(f"task id {item.task.id!r} appears in both {first_seen[item.task.id]} and {path}")
-            first_seen[item.task.id] = Path(path)
-            tasks.append((item, root))
+        path = ensure_bundled_split(path, BUNDLED_TRAIN_ITEMS)
+        try:
+            items: list[DatasetItem] | None = load_dataset(path)
+        except (DatasetError, UnicodeDecodeError):  # load_dataset stops at a non-UTF-8 byte, naming no line
+            items = None
+        # Trajectory groups name their task by id alone, so ids must be unique across datasets too.
+        if items is None or any(item.task.id in first_seen for item in items):
+            items, bad = _scan_lines(path, first_seen)
+            if bad_lines is None or not items:
+                reasons = [f"{line.where}: {line.reason}" for line in bad] or [f"{path}:0: the file holds no tasks"]
+                raise DatasetError(Path(path), reasons)
+            bad_lines.extend(bad)
+        else:
+            first_seen.update({item.task.id: Path(path) for item in items})
+        tasks.extend((item, root) for item in items)
     return tasks
 
 

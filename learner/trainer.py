@@ -3,10 +3,11 @@
 Orchestration only (torchtune's recipe style): the math is `learner.algorithms` + `learner.step`, the
 model code `services.modeling`, the transport `services.queues` / `services.weights`.
 
-Delivery: a group is acked right after the step that trained on it, and its id joins the trained set
-that every checkpoint stores, so a redelivered or replayed group is never trained twice (within one run,
-across resumes). Groups trained after the last checkpoint are lost with a crash (their weights are too):
-at-most-once for them, never twice.
+Delivery: a trained group's id joins the trained set that every checkpoint stores, and its stream entry
+is acked only once that checkpoint is on disk (offsets commit with the state). A learner that crashes
+takes its unacked entries back when it restarts (same consumer name) and trains each group whose step the
+checkpoint lost exactly once more; a redelivered or replayed group whose id the checkpoint holds is never
+trained twice. Every group ends trained, or dead-lettered with its reason (stale, unusable, undecodable).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from learner.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from learner.feeder import TaskFeeder, load_tasks
+from learner.feeder import BadLine, TaskFeeder, load_tasks
 from learner.progress import format_step
 from learner.publishing import publish_policy
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
@@ -46,6 +47,7 @@ from services.queues import Entry, StreamQueue, connect_redis
 from services.schemas import DecodeError, TrajectoryGroup, decode
 from services.settings.models import Settings
 from services.telemetry import Telemetry
+from services.weights import latest_weight_version
 
 log = logging.getLogger("learner")
 
@@ -117,7 +119,8 @@ class Trainer:
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
             betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
-        tasks = load_tasks(cfg.datasets)
+        bad_lines: list[BadLine] = []
+        tasks = load_tasks(cfg.datasets, bad_lines if cfg.bad_task_lines == "dead_letter" else None)
         self.image_roots = {item.task.id: root for item, root in tasks}
         self.feeder = TaskFeeder(tasks, cfg.epochs, cfg.seed, self.state.run_id, self.state.feeder)
         total_steps = cfg.max_steps or max(1, math.ceil(self.feeder.total / cfg.groups_per_step))
@@ -139,6 +142,16 @@ class Trainer:
         )
         self.log_path = self.run_dir / "metrics.jsonl"
         self._checkpointed_step = self.state.step if checkpoint is not None else -1
+        self.held: list[Entry] = []  # trained entries, acked once a checkpoint holds their step
+        self.recovered: list[Entry] = []  # a crashed predecessor's unacked entries, admitted first
+        if self.is_leader:
+            for line in bad_lines:
+                self.tasks_queue.reject(line.raw, f"bad task line {line.where}: {line.reason}", line.where,
+                                        f"{self.state.run_id}:{line.where}")
+            self.recovered = self.trajectories.own_pending()
+            if checkpoint is not None:
+                self._roll_back_log()
+            self._catch_up_version()
         self.telemetry.weights.policy_version.labels("learner").set(self.state.policy_version)
 
     def _restore(self, resume: bool) -> tuple[Path | None, dict]:
@@ -152,6 +165,38 @@ class Trainer:
         base = Path(self.cfg.model_path or self.settings.rollout.model_path)
         self.state = TrainingState(run_id=uuid.uuid4().hex, base_model_path=str(base.resolve()))
         return None, {}
+
+    def _roll_back_log(self) -> None:
+        """Move the step records past the checkpoint (their steps are redone) to metrics.rolled-back.jsonl,
+        so metrics.jsonl always tells the history the weights went through."""
+        if not self.log_path.is_file():
+            return
+        kept, rolled_back = [], []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                (kept if json.loads(line).get("step", 0) <= self.state.step else rolled_back).append(line)
+        if rolled_back:
+            with (self.run_dir / "metrics.rolled-back.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write("\n".join(rolled_back) + "\n")
+            staging = self.log_path.with_name(self.log_path.name + ".tmp")
+            staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            staging.replace(self.log_path)
+            log.warning("rolled back step records past the checkpoint",
+                        extra={"checkpoint_step": self.state.step, "records": len(rolled_back)})
+
+    def _catch_up_version(self) -> None:
+        """Publish the policy as a version above the run's announced one when that is ahead of ours.
+
+        After a crash the checkpoint can be older than the last published version, which workers already
+        run; going on from the checkpoint's number would make their groups look like they came from the
+        future. Re-publishing the checkpoint's weights under the next number rolls the workers back to them.
+        """
+        announced = latest_weight_version(self.client, self.settings.run_name)
+        if announced is not None and announced.version > self.state.policy_version:
+            log.warning("announced weights are ahead of the checkpoint; republishing it as the next version",
+                        extra={"announced": announced.version, "checkpoint_version": self.state.policy_version})
+            self.state.policy_version = announced.version
+            self.publish()
 
     # ------------------------------------------------------------------------------------------ inputs
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
@@ -176,11 +221,21 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------------------------------ collecting
-    def _drained(self, pending: int) -> bool:
-        """Every task of every epoch is enqueued and has come back as a trained or dropped group."""
-        return self.feeder.exhausted and self.state.groups_done + pending >= self.feeder.position.enqueued
+    def _drained(self, batch: Batch) -> bool:
+        """Every task of every epoch is enqueued, none is waiting or in a worker's hands (each became a group
+        or a dead letter), and the trajectories stream holds no group beyond the ones this learner holds."""
+        if not self.feeder.exhausted or self.tasks_queue.depth() > 0:
+            return False
+        # Read after the tasks stream: a worker publishes a task's group before it acks the task.
+        return self.trajectories.depth() <= len(self.held) + len(batch.entries)
 
     def _admit(self, entry: Entry, batch: Batch) -> None:
+        if any(entry.id == held.id for held in (*self.held, *batch.entries)):
+            return  # our own entry, redelivered: it is trained (or about to be) and acked with a checkpoint
+        if entry.deliveries > self.settings.queues.max_deliveries:
+            self.trajectories.dead_letter(entry, f"delivered {entry.deliveries - 1} times without an ack")
+            batch.turned_away["poison"] += 1
+            return
         try:
             group = decode(TrajectoryGroup, entry.payload, self.settings.queues.codec)
         except DecodeError as error:
@@ -201,7 +256,10 @@ class Trainer:
             self.trajectories.dead_letter(entry, f"unusable group: {problem}")
             batch.turned_away["unusable"] += 1
         elif not fresh:
-            self.trajectories.ack([entry])
+            # Dead-lettered, not just dropped: the task is accounted for, and can be replayed.
+            self.trajectories.dead_letter(entry, f"stale: group {group.group_id!r} made by v{group.policy_version}, "
+                                                 f"learner at v{self.state.policy_version}, "
+                                                 f"max_staleness={self.cfg.max_staleness}")
             self.state.groups_done += 1
             self.telemetry.learner.stale_groups_dropped.inc()
             batch.turned_away["stale"] += 1
@@ -214,13 +272,16 @@ class Trainer:
         batch, idle_since = Batch(), time.monotonic()
         while len(batch.groups) < self.cfg.groups_per_step:
             self.feeder.fill(self.tasks_queue, self.cfg.task_queue_fill, self.settings.queues.codec)
-            entries = self.trajectories.consume(self.cfg.groups_per_step - len(batch.groups))
+            self.trajectories.touch([*self.held, *batch.entries])  # ours: no XAUTOCLAIM may take them back
+            wanted = self.cfg.groups_per_step - len(batch.groups)
+            entries, self.recovered = self.recovered[:wanted], self.recovered[wanted:]
+            entries = entries or self.trajectories.consume(wanted)
             if entries:
                 idle_since = time.monotonic()
                 for entry in entries:
                     self._admit(entry, batch)
                 continue
-            if self._drained(len(batch.groups)):
+            if self._drained(batch):
                 break
             if self.cfg.idle_timeout_s and time.monotonic() - idle_since > self.cfg.idle_timeout_s:
                 log.warning("no trajectory groups arrived", extra={"idle_s": self.cfg.idle_timeout_s})
@@ -237,7 +298,7 @@ class Trainer:
         step_s = time.perf_counter() - started
         if not self.is_leader:
             return self._follow(batch)
-        self.trajectories.ack(batch.entries)
+        self.held.extend(batch.entries)
         self.state.step += 1
         self.state.groups_done += len(batch.groups)
         self.state.groups_trained += len(batch.groups)
@@ -246,6 +307,7 @@ class Trainer:
             "step": self.state.step, "time": time.time(), "step_seconds": step_s, **metrics,
             **rollout_statistics(batch.groups), "staleness_mean": sum(lags) / len(lags), "staleness_max": max(lags),
             "turned_away": dict(batch.turned_away), "epoch": self.feeder.position.epoch,
+            "group_ids": [group.group_id for group in batch.groups],
         }
         if self.state.step % self.cfg.publish_every == 0:
             record["publish_seconds"] = self.publish()
@@ -297,6 +359,8 @@ class Trainer:
         self.state.trained_groups = dict(self.trained_ids)
         save_checkpoint(self.run_dir, self.policy, self.processor, self.optimizer, self.scheduler, self.state,
                         keep=self.cfg.keep_checkpoints)
+        self.trajectories.ack(self.held)  # the checkpoint holds these groups' ids now
+        self.held.clear()
         self._checkpointed_step = self.state.step
         return time.perf_counter() - started
 

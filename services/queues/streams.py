@@ -35,6 +35,15 @@ redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[3]))
 return id
 """
 
+# Dead-letter something that never reached the stream (a bad dataset line) once per key, so a restarted
+# producer that meets the same bad line again adds no second dead letter.
+_REJECT_UNIQUE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1], 'reason', ARGV[2], 'source_id', ARGV[3], 'deliveries', 0)
+redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[4]))
+return id
+"""
+
 
 class QueueFull(RuntimeError):
     """The stream stayed at its bound for the whole backpressure timeout; nothing was added."""
@@ -82,6 +91,7 @@ class StreamQueue:
         self.metrics = metrics
         self._put_many_script = client.register_script(_PUT_MANY_IF_ROOM)
         self._put_unique_script = client.register_script(_PUT_UNIQUE_IF_ROOM)
+        self._reject_script = client.register_script(_REJECT_UNIQUE)
         self._next_reclaim_at = 0.0
         self._group_ready = False
 
@@ -213,6 +223,26 @@ class StreamQueue:
                 counts[row["message_id"].decode()] = int(row["times_delivered"])
         return counts
 
+    def own_pending(self, count: int = 1000) -> list[Entry]:
+        """Entries delivered to this consumer name and never acked, e.g. by a previous incarnation that
+        crashed: a restarted consumer with the same name takes them back at once instead of waiting
+        claim_idle_ms for XAUTOCLAIM."""
+        if not self._group_ready:
+            self.ensure_group()
+        response = self.client.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+        messages = [(message_id, fields) for _stream, rows in response or [] for message_id, fields in rows
+                    if fields]  # an entry deleted after delivery comes back with no fields
+        deliveries = self._delivery_counts([message_id for message_id, _fields in messages])
+        return [Entry(message_id.decode(), fields[PAYLOAD_FIELD], deliveries.get(message_id.decode(), 1))
+                for message_id, fields in messages]
+
+    def touch(self, entries: Sequence[Entry | str]) -> None:
+        """Reset the idle time of entries this consumer still holds (XCLAIM JUSTID, which leaves the
+        delivery count alone), so that no XAUTOCLAIM, this consumer's own included, takes them back."""
+        ids = [entry.id if isinstance(entry, Entry) else entry for entry in entries]
+        if ids:
+            self.client.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
+
     def ack(self, entries: Sequence[Entry | str]) -> int:
         """Acknowledge and delete entries, so they are never delivered again; returns how many."""
         ids = [entry.id if isinstance(entry, Entry) else entry for entry in entries]
@@ -239,6 +269,18 @@ class StreamQueue:
         if self.metrics:
             self.metrics.dead_lettered.labels(self.stream, reason.split(":")[0][:60]).inc()
         log.error("dead-lettered entry", extra={"stream": self.stream, "entry": entry.id, "reason": reason})
+        return dead_id.decode()
+
+    def reject(self, payload: bytes, reason: str, source: str, dedup_key: str, *, ttl_s: int = 7 * 24 * 3600) -> str | None:
+        """Dead-letter a payload that never reached the stream (e.g. a bad dataset line), once per dedup_key;
+        returns the dead letter's id, or None when that key was already rejected."""
+        key = f"{self.dead_stream}:rejected:{dedup_key}"
+        dead_id = self._reject_script(keys=[self.dead_stream, key], args=[payload, reason[:2000], source, ttl_s])
+        if dead_id == 0:
+            return None
+        if self.metrics:
+            self.metrics.dead_lettered.labels(self.stream, reason.split(":")[0][:60]).inc()
+        log.error("rejected payload", extra={"stream": self.stream, "source": source, "reason": reason})
         return dead_id.decode()
 
     # ----------------------------------------------------------------------------------- inspecting

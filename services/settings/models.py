@@ -95,6 +95,9 @@ class RolloutSettings(StrictModel):
     )
     tasks_per_batch: int = Field(8, ge=1, description="Tasks expanded into one vLLM generate call.")
     max_new_tokens: int = Field(16, ge=1, description="Completion length cap.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Task images above this many pixels are dead-lettered before decoding."
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, description="Base seed of budget sampling and vLLM sampling.")
@@ -131,6 +134,11 @@ class LearnerSettings(StrictModel):
     datasets: list[Path] = Field(
         default_factory=lambda: [Path("assets/tasks/digits/train.jsonl")], min_length=1,
         description="Task JSONL files the learner feeds to the workers, in order.",
+    )
+    bad_task_lines: Literal["dead_letter", "refuse"] = Field(
+        "dead_letter",
+        description="A bad dataset line is dead-lettered on the tasks stream with its reason (the run goes on), "
+        "or refused before the run starts.",
     )
     epochs: int = Field(1, ge=1, description="Passes over the datasets (each epoch reshuffled by seed + epoch).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: epochs decide).")

@@ -142,7 +142,7 @@ def test_duplicate_stale_and_unusable_groups_are_turned_away(tmp_path: Path, red
     assert last["turned_away"] == {"duplicate": 1, "stale": 1, "unusable": 2, "undecodable": 1}
     assert last["staleness_max"] == 0 and last["groups"] == 2
     reasons = sorted(dead.reason.split(":")[0] for dead in trajectories.dead_letters())
-    assert reasons == ["undecodable", "unusable group", "unusable group"]
+    assert reasons == ["stale", "undecodable", "unusable group", "unusable group"]  # none silently dropped
     assert any("ahead of learner" in dead.reason for dead in trajectories.dead_letters())
     assert any("not-in-dataset" in dead.reason for dead in trajectories.dead_letters())
     assert trajectories.depth() == 0
@@ -179,6 +179,32 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, redis_s
     resumed_v4 = json.loads((resumed.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "kl_mean", "grad_norm", "lr", "policy_version"):
         assert resumed_v4[key] == straight_v4[key], key
+    resumed.close()
+
+
+def test_groups_trained_after_the_last_checkpoint_are_trained_once_more_after_a_crash(
+    tmp_path: Path, redis_settings, recorded
+) -> None:
+    _model_dir, _dataset, groups = recorded
+    settings = make_settings(redis_settings, tmp_path / "crash", recorded, max_steps=3, max_staleness=8)
+    trajectories = put_groups(settings, groups[:6])
+    crashed = Trainer(settings)
+    losses = [crashed.train_on(crashed.collect_batch())["loss"] for _ in range(3)]  # checkpoint at step 2
+    assert crashed.trajectories.pending() == 2  # step 3's groups: trained, held until a checkpoint holds them
+    crashed.client.close()  # the process dies here: no final checkpoint, no ack
+
+    resumed = Trainer(settings, resume=True)
+    assert resumed.state.step == 2 and [entry.id for entry in resumed.recovered] == [e.id for e in crashed.held]
+    # The workers already run v3, which the checkpoint (v2) never saw: its weights come back as v4.
+    assert resumed.state.policy_version == 4 == latest_weight_version(resumed.client, settings.run_name).version
+    assert resumed.run()["losses"] == losses[2:]  # step 3 again, on the same groups, bit for bit
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3]
+    trained = [group_id for record in records for group_id in record["group_ids"]]
+    assert sorted(trained) == sorted(group.group_id for group in groups[:6])  # each exactly once
+    rolled_back = (resumed.run_dir / "metrics.rolled-back.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rolled_back] == [3]
+    assert trajectories.depth() == 0 and trajectories.dead_letters() == []
     resumed.close()
 
 

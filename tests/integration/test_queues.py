@@ -174,3 +174,28 @@ def test_queue_metrics_follow_the_stream(redis_settings: RedisSettings) -> None:
     assert (sample("sf_queue_depth"), sample("sf_queue_pending")) == (2.0, 1.0)
     assert (sample("sf_queue_entries_put_total"), sample("sf_queue_entries_acked_total")) == (3.0, 1.0)
 
+
+
+def test_a_restarted_consumer_takes_its_own_pending_entries_back_at_once(redis_settings: RedisSettings) -> None:
+    first = make_queue(redis_settings, "learner-run", claim_idle_ms=60_000)
+    first.put_many([b"g1", b"g2", b"g3"])
+    held = first.consume(2)  # read, then the process dies before acking
+    restarted = make_queue(redis_settings, "learner-run", claim_idle_ms=60_000)
+    recovered = restarted.own_pending()
+    assert [entry.payload for entry in recovered] == [b"g1", b"g2"] and all(e.deliveries == 2 for e in recovered)
+    assert make_queue(redis_settings, "other").own_pending() == []  # only the consumer's own
+
+    time.sleep(0.4)
+    restarted.touch(held)  # still ours: the idle clock restarts, the delivery count does not move
+    thief = make_queue(redis_settings, "thief", claim_idle_ms=300)
+    assert [entry.payload for entry in thief.consume(5, block_ms=50)] == [b"g3"]
+    assert [entry.deliveries for entry in restarted.own_pending()] == [3, 3]  # two history reads, no claims
+
+
+def test_a_rejected_payload_is_dead_lettered_once_per_key(redis_settings: RedisSettings) -> None:
+    queue = make_queue(redis_settings, "learner")
+    assert queue.reject(b'{"id": 1', "bad task line f.jsonl:3: invalid JSON", "f.jsonl:3", "run:f.jsonl:3")
+    assert queue.reject(b'{"id": 1', "bad task line f.jsonl:3: invalid JSON", "f.jsonl:3", "run:f.jsonl:3") is None
+    (dead,) = queue.dead_letters()
+    assert (dead.payload, dead.source_id, dead.deliveries) == (b'{"id": 1', "f.jsonl:3", 0)
+    assert dead.reason.endswith("invalid JSON") and queue.depth() == 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from learner.feeder import FeederPosition, TaskFeeder, epoch_order, load_tasks
-from services.data.loader import DatasetItem
+from learner.feeder import BadLine, FeederPosition, TaskFeeder, epoch_order, load_tasks
+from services.data.loader import DatasetError, DatasetItem
 from services.schemas import Task
 
 
@@ -68,3 +69,40 @@ def test_task_ids_must_be_unique_across_datasets(tmp_path: Path) -> None:
     assert len(load_tasks(paths[:1])) == 1
     with pytest.raises(ValueError, match="'same' appears in both"):
         load_tasks(paths)
+
+
+def test_bad_lines_are_returned_with_their_reasons_or_refused_by_file_and_line(tmp_path: Path) -> None:
+    Image.new("RGB", (28, 28)).save(tmp_path / "x.png")
+
+    def line(task_id: str, **changes: str) -> bytes:
+        task = {"id": task_id, "image": "x.png", "question": "q?", "answer": "1", "answer_type": "number", **changes}
+        return json.dumps(task).encode()
+
+    lines = [
+        line("good-1"),
+        line("no-image", image="gone.png"),
+        line("essay", answer_type="essay"),
+        line("escape", image="../x.png"),
+        line("huge", question="q" * 10_000),
+        b'{"id": "latin-1", "question": "caf\xe9?"}',
+        b'{"id": "cut',
+        line("good-1"),
+        line("good-2"),
+    ]
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    bad: list[BadLine] = []
+    assert [item.task.id for item, _root in load_tasks([path], bad)] == ["good-1", "good-2"]
+    reasons = {line.where.rsplit(":", 1)[1]: line.reason for line in bad}
+    assert reasons == {
+        "2": f"image='gone.png' does not exist ({tmp_path / 'gone.png'})",
+        "3": reasons["3"], "4": f"image='../x.png' escapes the dataset folder {tmp_path}",
+        "5": reasons["5"], "6": "not UTF-8 text (byte 34 is 0xe9)", "7": reasons["7"],
+        "8": "task id 'good-1' repeats an earlier line",
+    }
+    assert "answer_type" in reasons["3"] and "question" in reasons["5"] and "invalid JSON" in reasons["7"]
+    assert bad[4].raw == lines[5]  # the raw bytes go to the dead letter, as read
+    with pytest.raises(DatasetError) as refused:  # without a list to collect them, the file is refused
+        load_tasks([path])
+    assert len(refused.value.errors) == 7 and f"{path}:6: not UTF-8 text" in str(refused.value)
