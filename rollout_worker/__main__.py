@@ -1,7 +1,8 @@
 """`sf-rollout-worker` / `python -m rollout_worker`: consume tasks, generate budgeted groups, publish them.
 
 SIGTERM or SIGINT finishes the batch in flight (its tasks are acked after their groups are published),
-then exits; a kill -9 leaves that batch's tasks pending, and another worker reclaims them.
+then exits; a kill -9, or a stop while the reward server is down, leaves that batch's tasks pending, and a
+restarted worker (or another one) takes them back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 
 from reward_server.client import RewardClient
 from rollout_worker.weights import WeightWatcher
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except InsecureRedisError as error:
         print(f"sf-rollout-worker: refusing to start: {error}", file=sys.stderr)
         return 2
-    stopping = threading.Event()
+    stopping = worker.stopping
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     log.info("ready", extra={"worker": worker.worker_id, "version": worker.policy_version})

@@ -2,7 +2,8 @@
 
 Delivery: a task is acked only after its group is published (at-least-once), and the group is published
 with put_unique keyed by group id, so a redelivered task (after a crash between publish and ack)
-produces no second group. Weights change only between batches, so a group never mixes versions.
+produces no second group. Weights change only between batches, so a group never mixes versions. A reward
+server outage stalls the batch (its tasks stay pending, held by this worker) until the server is back.
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_server.client import RewardClient
+from PIL import Image
+
+from reward_server.client import RETRYABLE_STATUSES, RewardClient, RewardServerError
 from rollout_worker.budgets import assign_group_budgets
 from rollout_worker.engine import PreparedRollout, RolloutEngine, TaskInputError
 from rollout_worker.weights import WeightWatcher
-from services.data.loader import open_image, resolve_image
+from services.data.loader import resolve_image
 from services.queues import Entry, StreamQueue
 from services.schemas import (
     Budget,
@@ -66,6 +70,24 @@ def group_id_for(message: TaskMessage) -> str:
     return f"{message.task.id}@e{message.epoch}"
 
 
+def open_task_image(path: Path, max_pixels: int) -> Image.Image:
+    """The task's image as RGB. An empty file, an image without pixels or one above max_pixels is refused
+    with a clear reason before its pixels are decoded (PIL reads the size from the header)."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"image {path} is an empty file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height == 0:
+                raise ValueError(f"image {path} is {width}x{height}: it has no pixels")
+            if width * height > max_pixels:
+                raise ValueError(f"image {path} is {width}x{height} = {width * height:,} pixels, above "
+                                 f"rollout.max_image_pixels={max_pixels:,}")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # not an OSError: it would otherwise end the worker
+        raise ValueError(f"image {path}: {error}") from None
+
+
 def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
@@ -95,6 +117,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.watcher = watcher
         self.metrics = metrics
+        self.stopping = threading.Event()  # set by a signal handler: give up waiting, leave tasks pending
         self._loop = asyncio.new_event_loop()
 
     @property
@@ -125,7 +148,9 @@ class RolloutWorker:
         if not accepted:
             return report
         with _timed(report, "reward"):
-            rewards = self._loop.run_until_complete(self.reward_client.score(self._score_items(accepted, rollouts)))
+            rewards = self._score(accepted, rollouts, report)
+        if rewards is None:
+            return report
         with _timed(report, "publish"):
             self._publish(accepted, rollouts, rewards, report)
         self._observe(rollouts, rewards, report)
@@ -136,7 +161,8 @@ class RolloutWorker:
         """Decode a task entry and open its image; dead-letter it with the reason when either fails."""
         try:
             message = decode(TaskMessage, entry.payload, self.tasks.settings.codec)
-            image = open_image(resolve_image(Path(message.dataset_root), message.task.image))
+            image = open_task_image(resolve_image(Path(message.dataset_root), message.task.image),
+                                    self.settings.max_image_pixels)
         except (DecodeError, ValueError, OSError) as error:
             self._dead_letter(entry, f"{type(error).__name__}: {error}", report)
             return None
@@ -186,6 +212,29 @@ class RolloutWorker:
             except TaskInputError:
                 return task
         raise error
+
+    def _score(
+        self, accepted: list[_AcceptedTask], rollouts: list[list[Rollout]], report: BatchReport
+    ) -> list[RewardBreakdown] | None:
+        """The batch's rewards, waiting out a reward-server outage while holding its tasks (touched, so no
+        other worker reclaims them). A refusal no retry can fix (a 4xx) dead-letters the batch's tasks with
+        the server's reason. None when the batch did not get rewards (refused, or the worker is stopping)."""
+        items = self._score_items(accepted, rollouts)
+        delay = self.reward_client.settings.client_backoff_s
+        while True:
+            try:
+                return self._loop.run_until_complete(self.reward_client.score(items))
+            except RewardServerError as error:
+                if error.status is not None and error.status not in RETRYABLE_STATUSES:
+                    for task in accepted:
+                        self._dead_letter(task.entry, f"RewardServerError: {error}", report)
+                    return None
+                log.warning("reward server unavailable; holding the batch", extra={"error": str(error),
+                                                                                   "retry_in_s": delay})
+            if self.stopping.wait(delay):
+                return None  # the tasks stay pending; a restarted worker takes them back
+            self.tasks.touch([task.entry for task in accepted])
+            delay = min(delay * 2, self.reward_client.settings.client_backoff_cap_s)
 
     def _score_items(self, accepted: list[_AcceptedTask], rollouts: list[list[Rollout]]) -> list[ScoreItem]:
         return [

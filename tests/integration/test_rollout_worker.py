@@ -119,7 +119,7 @@ def run_until_drained(worker: RolloutWorker, max_batches: int = 20) -> list:
 def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
     engine, model_folder, dataset_root, redis_settings, reward_server
 ) -> None:
-    settings = worker_settings(model_folder, redis_settings, reward_server, "flow")
+    settings = worker_settings(model_folder, redis_settings, reward_server, "flow", max_image_pixels=100_000)
     telemetry = Telemetry("worker-test")
     worker = make_worker(settings, engine, telemetry)
     good = [task_message(dataset_root, index) for index in range(5)]
@@ -127,6 +127,10 @@ def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
     worker.tasks.put(encode(task_message(dataset_root, 90, image="missing.png")))
     worker.tasks.put(encode(task_message(dataset_root, 91, image="../../etc/passwd")))
     worker.tasks.put(b"\x00not a task")
+    (dataset_root / "empty.png").write_bytes(b"")
+    Image.new("RGB", (400, 400)).save(dataset_root / "huge.png")  # 160,000 pixels > max_image_pixels
+    worker.tasks.put(encode(task_message(dataset_root, 92, image="empty.png")))
+    worker.tasks.put(encode(task_message(dataset_root, 93, image="huge.png")))
     try:
         reports = run_until_drained(worker)
     finally:
@@ -147,11 +151,28 @@ def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
             assert rollout.timings.generate_s > 0
     dead = worker.tasks.dead_letters()
     reasons = " | ".join(letter.reason for letter in dead)
-    assert len(dead) == 3 and "missing.png" in reasons and "escapes" in reasons and "DecodeError" in reasons
+    assert len(dead) == 5 and "missing.png" in reasons and "escapes" in reasons and "DecodeError" in reasons
+    assert "empty.png is an empty file" in reasons and "400x400 = 160,000 pixels, above" in reasons
     assert worker.tasks.depth() == 0 and worker.tasks.pending() == 0
     assert sum(report.groups_published for report in reports) == 5
     rollouts_by_budget = telemetry.registry.get_sample_value("sf_rollouts_total", {"budget": "r=0.25"})
     assert rollouts_by_budget == 5.0
+
+
+def test_a_batch_the_reward_server_refuses_for_good_is_dead_lettered_with_its_answer(
+    engine, model_folder, dataset_root, redis_settings, start_reward_server
+) -> None:
+    strict = start_reward_server(max_body_bytes=1024)  # the batch's 12 items cannot fit: 413, never retried
+    settings = worker_settings(model_folder, redis_settings, strict, "refused")
+    worker = make_worker(settings, engine, Telemetry("worker-refused"))
+    worker.tasks.put_many([encode(task_message(dataset_root, index)) for index in range(3)])
+    try:
+        report = worker.run_batch(block_ms=100)
+    finally:
+        worker.close()
+    assert report.dead_lettered == 3 and report.groups_published == 0 and read_groups(settings) == []
+    assert all("HTTP 413" in letter.reason for letter in worker.tasks.dead_letters())
+    assert worker.tasks.depth() == 0
 
 
 def test_new_weights_are_loaded_between_batches_and_match_the_training_forward(
