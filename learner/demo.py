@@ -139,6 +139,7 @@ def follow_training(supervisor: Supervisor, services: dict[str, Service], run_di
     return {
         "worker_policy_version": metric_sum(text, "sf_policy_version", {"service": "rollout_worker"}),
         "rollouts_generated": metric_sum(text, "sf_rollouts_total"),
+        "tokens_generated": metric_sum(text, "sf_generated_tokens_total"),
         "groups_published": metric_sum(text, "sf_queue_entries_put_total",
                                        {"stream": settings.queues.trajectories_stream}),
     }
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 "SF_REWARD_SERVER__AUTH_TOKEN": secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"})
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "started_at": time.time()}
     console.print(f"[bold]Sparsity Forcing demo[/bold] → {run_dir} (logs in {run_dir / 'logs'})")
     try:
         with Supervisor(run_dir / "logs") as supervisor:
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print("services up: redis, reward server, rollout worker (vLLM starting), learner")
             summary |= follow_training(supervisor, services, run_dir, settings, ports, console)
         summary["training_minutes"] = round((time.monotonic() - started) / 60, 2)
+        summary["training_finished_at"] = time.time()
         evaluation = "" if args.no_eval else evaluate_base_and_trained(settings, run_dir, env, args.eval_limit)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every service was stopped[/yellow]")

