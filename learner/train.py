@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from services.queues import InsecureRedisError, connect_redis
 from services.settings import add_settings_arguments, settings_from_args
 from services.settings.models import Settings
 from services.telemetry import Telemetry, configure_logging
@@ -151,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_ray:
         settings.learner.use_ray = False
     configure_logging(settings.telemetry, "learner")
+    try:
+        connect_redis(settings.redis).close()  # before any model loads: refuse an unauthenticated Redis now
+    except InsecureRedisError as error:
+        print(f"sf-train: refusing to start: {error}", file=sys.stderr)
+        return 2
     if not settings.learner.use_ray:
         summary = run_training(settings, args.resume)
     elif settings.learner.num_workers > 1:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlparse
+import time
+from urllib.parse import urlparse, urlunparse
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -38,14 +40,40 @@ def check_redis_security(settings: RedisSettings) -> None:
     if not settings.insecure_local:
         raise InsecureRedisError(
             f"Redis at {settings.url} has no password; set redis.password (SF_REDIS__PASSWORD), "
-            "or redis.insecure_local=true for a throw-away Redis on loopback"
+            "or pass --insecure-local (redis.insecure_local=true) for a throw-away Redis on loopback"
         )
     if not is_loopback_host(host):
         raise InsecureRedisError(f"redis.insecure_local is only allowed for a loopback host, not {host!r}")
 
 
+def answers_without_credentials(url: str, options: dict[str, object], retries: int, backoff_cap_s: float) -> bool:
+    """Whether the server at url runs commands for a client that sends no credentials (retrying while it
+    cannot be reached, e.g. still starting)."""
+    parsed = urlparse(url)
+    anonymous_url = urlunparse(parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")))
+    client = redis.Redis.from_url(anonymous_url, **options)
+    try:
+        for attempt in range(retries + 1):
+            try:
+                client.ping()
+                return True
+            except (AuthenticationError, ResponseError):  # NOAUTH / authentication required
+                return False
+            except (RedisConnectionError, RedisTimeoutError):
+                if attempt == retries:
+                    raise
+                time.sleep(min(backoff_cap_s, 0.05 * 2**attempt))
+    finally:
+        client.close()
+    return False
+
+
 def connect_redis(settings: RedisSettings) -> redis.Redis:
-    """A Redis client that retries with jittered exponential backoff when the connection drops."""
+    """A Redis client that retries with jittered exponential backoff when the connection drops.
+
+    Refuses (InsecureRedisError) settings without a password, and a server that runs commands for anyone,
+    unless `redis.insecure_local` (the --insecure-local flag) allows a throw-away Redis on loopback.
+    """
     check_redis_security(settings)
     retry = Retry(
         ExponentialWithJitterBackoff(cap=settings.retry_backoff_cap_s, base=0.05),
@@ -67,4 +95,13 @@ def connect_redis(settings: RedisSettings) -> redis.Redis:
         url = "rediss://" + url[len("redis://") :]
     if url.startswith("rediss://") and settings.tls_ca_cert is not None:
         options["ssl_ca_certs"] = str(settings.tls_ca_cert)
+    probe = {key: value for key, value in options.items() if key not in ("retry", "password", "username")}
+    if not settings.insecure_local and answers_without_credentials(
+        url, probe | {"retry": Retry(ExponentialWithJitterBackoff(), retries=0)}, settings.connect_retries,
+        settings.retry_backoff_cap_s,
+    ):
+        raise InsecureRedisError(
+            f"Redis at {urlparse(url).hostname}:{urlparse(url).port} runs commands without authentication; give it a "
+            "password (requirepass or an ACL user), or pass --insecure-local for a throw-away Redis on loopback"
+        )
     return redis.Redis.from_url(url, **options)

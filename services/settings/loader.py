@@ -147,8 +147,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
         help="override one setting, e.g. --set queues.max_length=5000 (wins over files and SF_* vars)",
     )
+    parser.add_argument(
+        "--insecure-local", action="store_true",
+        help="allow a Redis without authentication, on a loopback host only (redis.insecure_local=true)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Load Settings from the flags that add_settings_arguments defined."""
-    return load_settings(args.config, args.overrides)
+    insecure = ["redis.insecure_local=true"] if getattr(args, "insecure_local", False) else []
+    return load_settings(args.config, [*args.overrides, *insecure])

@@ -1,10 +1,17 @@
 """Settings compose YAML < SF_* env < overrides, and refuse unknown keys and bad values by name."""
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from services.settings import Settings, SettingsError, load_settings
+from services.settings import (
+    Settings,
+    SettingsError,
+    add_settings_arguments,
+    load_settings,
+    settings_from_args,
+)
 
 
 def write_yaml(tmp_path: Path, name: str, text: str) -> Path:
@@ -85,3 +92,10 @@ def test_every_bundled_config_file_loads() -> None:
     assert configs, "configs/ should hold at least the default settings file"
     for path in configs:
         load_settings([path], environ={})
+
+
+def test_the_insecure_local_flag_sets_redis_insecure_local() -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--insecure-local"])).redis.insecure_local is True
+    assert settings_from_args(parser.parse_args([])).redis.insecure_local is False

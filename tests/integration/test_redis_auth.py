@@ -1,0 +1,55 @@
+"""Services refuse a Redis that runs commands for anyone, unless --insecure-local allows it on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from support import RedisServer
+
+from services.queues import InsecureRedisError, connect_redis
+from services.settings import RedisSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def open_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server without a password (requirepass empty)."""
+    server = RedisServer(tmp_path_factory.mktemp("open-redis"), password="")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_redis_without_authentication_is_refused_even_with_a_password_configured(open_redis) -> None:
+    for settings in (RedisSettings(url=open_redis.url, password=SecretStr("ours")),
+                     RedisSettings(url=open_redis.url.replace("redis://", "redis://:ours@"))):
+        with pytest.raises(InsecureRedisError, match="runs commands without authentication"):
+            connect_redis(settings)
+    with pytest.raises(InsecureRedisError, match="no password"):
+        connect_redis(RedisSettings(url=open_redis.url))
+    allowed = connect_redis(RedisSettings(url=open_redis.url, insecure_local=True))  # loopback, opted in
+    assert allowed.ping() is True
+
+
+def test_a_redis_that_requires_a_password_is_accepted(redis_settings) -> None:
+    assert connect_redis(redis_settings).ping() is True
+    wrong = redis_settings.model_copy(update={"password": SecretStr("not-it")})
+    with pytest.raises(Exception, match="invalid username-password"):
+        connect_redis(wrong).ping()
+
+
+def test_the_learner_refuses_to_start_against_it_unless_told_insecure_local(open_redis) -> None:
+    command = [sys.executable, "-m", "learner.train", "--no-ray", "--set", f"redis.url={open_redis.url}"]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "refusing to start" in refused.stderr, refused.stderr[-2000:]
+    assert "--insecure-local" in refused.stderr
+    # With the flag the learner goes past the check and fails later, on the missing model: not a refusal.
+    allowed = subprocess.run([*command, "--insecure-local", "--set", "learner.model_path=/nonexistent"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert allowed.returncode != 0 and "refusing to start" not in allowed.stderr
