@@ -1,7 +1,8 @@
 """Weight versions live as HF folders on a shared path; Redis holds the latest announcement (key + pub/sub).
 
-A folder is hashed over its safetensors files (sorted by name), so a worker can refuse a blob that was
-corrupted or swapped in transit before it touches the engine.
+A folder is hashed over what a worker loads from it (its safetensors blobs and the model config files
+that say how to read them, sorted by name), so a worker can refuse a version that was corrupted or
+swapped in transit before it touches the engine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import redis
 from services.schemas import WeightVersion, decode, encode
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
+# Read by from_pretrained / vLLM next to the blobs; the processor files are not reloaded with new weights.
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 
 
 class WeightIntegrityError(RuntimeError):
@@ -33,12 +36,18 @@ def weights_channel(run_name: str) -> str:
 
 
 def hash_weights_folder(folder: Path) -> tuple[str, int]:
-    """sha256 over the folder's *.safetensors files in name order, and their total size in bytes."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
+    """sha256 over the folder's *.safetensors files and model config files (name, then bytes, in name order),
+    and their total size in bytes.
+
+    The config counts too: from_pretrained reads config.json next to the blob, so an unhashed config could
+    change what the verified weights are loaded into.
+    """
+    blobs = list(Path(folder).glob("*.safetensors"))
+    if not blobs:
         raise WeightIntegrityError(f"no *.safetensors files in {folder}")
+    configs = [Path(folder) / name for name in MODEL_CONFIG_FILES if (Path(folder) / name).is_file()]
     digest, total = hashlib.sha256(), 0
-    for path in files:
+    for path in sorted(blobs + configs):
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             while chunk := handle.read(HASH_CHUNK_BYTES):

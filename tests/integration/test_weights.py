@@ -53,6 +53,13 @@ def test_a_tampered_blob_is_refused(tmp_path: Path) -> None:
         verify_weights(version)
 
 
+def test_a_swapped_model_config_is_refused(tmp_path: Path) -> None:
+    version = publish_weights_folder(saved_folder(tmp_path, 2.0), tmp_path / "weights", 2)
+    (Path(version.uri) / "config.json").write_text('{"num_hidden_layers": 1}')  # the blob is read through it
+    with pytest.raises(WeightIntegrityError, match="does not match"):
+        verify_weights(version)
+
+
 def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
     version = publish_weights_folder(saved_folder(tmp_path, 3.0), tmp_path / "weights", 3)
     moved = version.model_copy(update={"uri": str(tmp_path / "nowhere")})
