@@ -3,7 +3,8 @@
 Delivery: a task is acked only after its group is published (at-least-once), and the group is published
 with put_unique keyed by group id, so a redelivered task (after a crash between publish and ack)
 produces no second group. Weights change only between batches, so a group never mixes versions. A reward
-server outage stalls the batch (its tasks stay pending, held by this worker) until the server is back.
+server outage, or a trajectories stream that stays full (backpressure from a learner that is behind or
+down), stalls the batch (its tasks stay pending, held by this worker) until it clears.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rollout_worker.budgets import assign_group_budgets
 from rollout_worker.engine import PreparedRollout, RolloutEngine, TaskInputError
 from rollout_worker.weights import WeightWatcher
 from services.data.loader import resolve_image
-from services.queues import Entry, StreamQueue
+from services.queues import Entry, QueueFull, StreamQueue
 from services.schemas import (
     Budget,
     DecodeError,
@@ -231,9 +232,30 @@ class RolloutWorker:
                     return None
                 log.warning("reward server unavailable; holding the batch", extra={"error": str(error),
                                                                                    "retry_in_s": delay})
-            if self.stopping.wait(delay):
-                return None  # the tasks stay pending; a restarted worker takes them back
-            self.tasks.touch([task.entry for task in accepted])
+            if not self._hold(accepted, delay):
+                return None
+            delay = min(delay * 2, self.reward_client.settings.client_backoff_cap_s)
+
+    def _hold(self, held: list[_AcceptedTask], delay_s: float) -> bool:
+        """Wait delay_s holding these tasks (touched, so that no other worker reclaims them meanwhile); False
+        when the worker is stopping instead: the tasks then stay pending for a restarted worker."""
+        if self.stopping.wait(delay_s):
+            return False
+        self.tasks.touch([task.entry for task in held])
+        return True
+
+    def _publish_group(self, group: TrajectoryGroup, held: list[_AcceptedTask]) -> bool | None:
+        """put_unique the group, holding the batch while the trajectories stream stays full (the learner is
+        behind or down); True when published, False when it already was, None when stopping first."""
+        delay = self.reward_client.settings.client_backoff_s
+        while True:
+            try:
+                return self.trajectories.put_unique(encode(group, self.trajectories.settings.codec),
+                                                    group.group_id) is not None
+            except QueueFull as error:
+                log.warning("trajectories stream full; holding the batch", extra={"error": str(error)})
+            if not self._hold(held, delay):
+                return None
             delay = min(delay * 2, self.reward_client.settings.client_backoff_cap_s)
 
     def _score_items(self, accepted: list[_AcceptedTask], rollouts: list[list[Rollout]]) -> list[ScoreItem]:
@@ -256,7 +278,7 @@ class RolloutWorker:
     ) -> None:
         """Publish each task's group (once per group id), then ack its task entry."""
         offset = 0
-        for task, group_rollouts in zip(accepted, rollouts):
+        for index, (task, group_rollouts) in enumerate(zip(accepted, rollouts)):
             group_rewards = rewards[offset : offset + len(group_rollouts)]
             offset += len(group_rollouts)
             group = TrajectoryGroup(
@@ -264,8 +286,10 @@ class RolloutWorker:
                 rollouts=group_rollouts, rewards=group_rewards, policy_version=self.policy_version,
                 worker_id=self.worker_id,
             )
-            published = self.trajectories.put_unique(encode(group, self.trajectories.settings.codec), task.group_id)
+            published = self._publish_group(group, accepted[index:])
             if published is None:
+                return  # stopping: this task and the later ones stay pending
+            if not published:
                 report.duplicate_groups += 1
                 log.warning("group already published; acking the redelivered task", extra={"group": task.group_id})
             else:

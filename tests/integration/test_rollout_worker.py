@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,6 +174,35 @@ def test_a_batch_the_reward_server_refuses_for_good_is_dead_lettered_with_its_an
     assert report.dead_lettered == 3 and report.groups_published == 0 and read_groups(settings) == []
     assert all("HTTP 413" in letter.reason for letter in worker.tasks.dead_letters())
     assert worker.tasks.depth() == 0
+
+
+def test_a_full_trajectories_stream_holds_the_batch_until_the_learner_makes_room(
+    engine, model_folder, dataset_root, redis_settings, reward_server, caplog
+) -> None:
+    settings = worker_settings(model_folder, redis_settings, reward_server, "full")
+    settings.queues.max_length, settings.queues.backpressure_timeout_s = 2, 0.2
+    worker = make_worker(settings, engine, Telemetry("worker-full"))
+    learner = StreamQueue(connect_redis(settings.redis), settings.queues.trajectories_stream, settings.queues,
+                          group="learner")
+    learner.put(b"a group the learner has not taken yet")  # one of the two places is taken
+    worker.tasks.put_many([encode(task_message(dataset_root, index)) for index in range(2)])
+
+    def learner_catches_up() -> None:
+        deadline = time.monotonic() + 120
+        while "trajectories stream full" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker published one group, then met the bound and holds the other
+        learner.ack(learner.consume(1))
+
+    catching_up = threading.Thread(target=learner_catches_up)
+    catching_up.start()
+    try:
+        report = worker.run_batch(block_ms=100)
+    finally:
+        catching_up.join()
+        worker.close()
+    assert "trajectories stream full; holding the batch" in caplog.text
+    assert report.groups_published == 2 and report.dead_lettered == 0 and len(read_groups(settings)) == 2
+    assert worker.tasks.depth() == 0 and learner.depth() == 2  # never past the bound, nothing dropped
 
 
 def test_new_weights_are_loaded_between_batches_and_match_the_training_forward(
