@@ -109,6 +109,30 @@ def test_backpressure_engages_at_the_bound_and_releases(redis_settings: RedisSet
     assert queue.depth() == 8
 
 
+def test_producers_outrunning_the_consumers_keep_redis_memory_under_the_bound(redis_settings, redis_server) -> None:
+    entry, bound = b"x" * 65_536, 100  # 64 KiB entries (a large trajectory group), 6.4 MiB of them at most
+    used_before = redis_server.client().info("memory")["used_memory"]
+    refused: list[int] = []
+
+    def producer() -> None:  # each with its own connection, as separate workers would be
+        queue = make_queue(redis_settings, "producer", max_length=bound)
+        for _ in range(60):
+            try:
+                queue.put(entry, timeout_s=0.02)
+            except QueueFull:
+                refused.append(1)
+
+    producers = [threading.Thread(target=producer) for _ in range(4)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join()
+    queue = make_queue(redis_settings, "consumer", max_length=bound)
+    grown = redis_server.client().info("memory")["used_memory"] - used_before
+    assert queue.depth() == bound and len(refused) == 4 * 60 - bound  # every put past the bound was refused
+    assert grown < bound * len(entry) * 1.25 + 2**21, f"{grown} bytes for {bound} entries of {len(entry)}"
+
+
 def test_a_poison_entry_is_dead_lettered_after_max_deliveries(redis_settings: RedisSettings) -> None:
     queue = make_queue(redis_settings, "a", max_deliveries=3, claim_idle_ms=100)
     queue.put(b"poison")
