@@ -71,6 +71,14 @@ def group_id_for(message: TaskMessage) -> str:
     return f"{message.task.id}@e{message.epoch}"
 
 
+def check_dataset_root(root: Path, allowed: Sequence[Path]) -> Path:
+    """The task's dataset folder, refused when it lies outside the configured roots: a TaskMessage names
+    its own folder, so without a bound any producer could point the worker at any file it can read."""
+    if allowed and not any(root.resolve().is_relative_to(Path(base).resolve()) for base in allowed):
+        raise ValueError(f"dataset_root={str(root)!r} is outside rollout.dataset_roots={[str(b) for b in allowed]}")
+    return root
+
+
 def open_task_image(path: Path, max_pixels: int) -> Image.Image:
     """The task's image as RGB. An empty file, an image without pixels or one above max_pixels is refused
     with a clear reason before its pixels are decoded (PIL reads the size from the header)."""
@@ -162,8 +170,8 @@ class RolloutWorker:
         """Decode a task entry and open its image; dead-letter it with the reason when either fails."""
         try:
             message = decode(TaskMessage, entry.payload, self.tasks.settings.codec)
-            image = open_task_image(resolve_image(Path(message.dataset_root), message.task.image),
-                                    self.settings.max_image_pixels)
+            root = check_dataset_root(Path(message.dataset_root), self.settings.dataset_roots)
+            image = open_task_image(resolve_image(root, message.task.image), self.settings.max_image_pixels)
         except (DecodeError, ValueError, OSError) as error:
             self._dead_letter(entry, f"{type(error).__name__}: {error}", report)
             return None

@@ -98,6 +98,10 @@ class RolloutSettings(StrictModel):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Task images above this many pixels are dead-lettered before decoding."
     )
+    dataset_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a task's dataset_root must lie in (others are dead-lettered); empty allows any.",
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, description="Base seed of budget sampling and vLLM sampling.")

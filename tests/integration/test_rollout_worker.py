@@ -120,7 +120,8 @@ def run_until_drained(worker: RolloutWorker, max_batches: int = 20) -> list:
 def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
     engine, model_folder, dataset_root, redis_settings, reward_server
 ) -> None:
-    settings = worker_settings(model_folder, redis_settings, reward_server, "flow", max_image_pixels=100_000)
+    settings = worker_settings(model_folder, redis_settings, reward_server, "flow", max_image_pixels=100_000,
+                               dataset_roots=[str(dataset_root)])
     telemetry = Telemetry("worker-test")
     worker = make_worker(settings, engine, telemetry)
     good = [task_message(dataset_root, index) for index in range(5)]
@@ -132,6 +133,7 @@ def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
     Image.new("RGB", (400, 400)).save(dataset_root / "huge.png")  # 160,000 pixels > max_image_pixels
     worker.tasks.put(encode(task_message(dataset_root, 92, image="empty.png")))
     worker.tasks.put(encode(task_message(dataset_root, 93, image="huge.png")))
+    worker.tasks.put(encode(task_message(Path("/etc"), 94, image="passwd")))  # a root of its own choosing
     try:
         reports = run_until_drained(worker)
     finally:
@@ -152,7 +154,8 @@ def test_tasks_in_groups_out_with_budgets_counts_and_rewards(
             assert rollout.timings.generate_s > 0
     dead = worker.tasks.dead_letters()
     reasons = " | ".join(letter.reason for letter in dead)
-    assert len(dead) == 5 and "missing.png" in reasons and "escapes" in reasons and "DecodeError" in reasons
+    assert len(dead) == 6 and "missing.png" in reasons and "escapes" in reasons and "DecodeError" in reasons
+    assert "dataset_root='/etc' is outside rollout.dataset_roots" in reasons
     assert "empty.png is an empty file" in reasons and "400x400 = 160,000 pixels, above" in reasons
     assert worker.tasks.depth() == 0 and worker.tasks.pending() == 0
     assert sum(report.groups_published for report in reports) == 5
