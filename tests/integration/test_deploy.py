@@ -81,6 +81,8 @@ def test_compose_file_is_valid_and_complete() -> None:
         services
     )
     assert "--requirepass" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendfsync") + 1] == "always"  # a crash loses no entry
     gpu = services["rollout-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     for name in ("reward-server", "rollout-worker", "ray-head"):
