@@ -38,19 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import psutil
 from common import RESULTS_DIR, print_table, save_results
-from process_probes import (
-    MemorySampler,
-    any_frame,
-    cmdline_contains,
-    find_descendant,
-    phase_shares,
-    read_collapsed,
-    start_py_spy,
-    top_leaf_frames,
-    wait_for,
-)
+from process_probes import MemorySampler
+from stack_profile import PROFILED, profile_ours, profile_verdict
 
 from learner.demo import DEFAULT_CONFIGS
 from learner.report import read_step_records
@@ -63,13 +53,16 @@ DEFINITIONS = {
                       "rollout worker's 'ready' and the learner's 'learner started' log lines) to each step's end",
     "rollouts_per_s": "rollouts trained on (steps x prompts per step x group size) / training wall time",
     "tokens_per_s": "completion tokens of those rollouts / training wall time",
+    "worker_rollouts_per_s": "rollouts our worker generated (sf_rollouts_total; trained, stale-dropped or still "
+                             "queued) / training wall time",
+    "busy_share": "TRL: summed step times / training wall; ours: learner step + publish + checkpoint time / "
+                  "training wall (1.0 = the learner never waited for rollouts)",
     "smoothed_accuracy": "trailing mean of the per-step training accuracy over `smooth` steps",
     "trl_final_accuracy": "TRL's smoothed training accuracy at its last step",
     "time_to_trl_final_accuracy": "training-clock time of our first step whose smoothed accuracy >= TRL's final one",
     "time_ratio": "our time to TRL's final accuracy / TRL's training wall time (goal <= 0.5)",
     "peak_memory": "largest summed PSS of the side's process tree, sampled every 0.5 s",
 }
-
 
 def shared_overrides(args: argparse.Namespace) -> list[str]:
     """--set flags that put both sides on the same knobs."""
@@ -118,24 +111,23 @@ def run_child(command: list[str], log_path: Path, timeout_s: float,
     return child.returncode, launched, time.time(), memory.peak_bytes
 
 
-def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_trl(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """TRL's GRPOTrainer in a child process; its step records on the common clock."""
-    spec_path, out_path = work / "trl-spec.json", work / "trl-steps.json"
+    spec_path, out_path, log_path = work / f"{name}-spec.json", work / f"{name}-steps.json", work / f"{name}.log"
     spec_path.write_text(json.dumps(spec))
+    load = os.getloadavg()[0]
     code, launched, ended, peak = run_child([sys.executable, str(ROOT / "bench" / "trl_grpo_run.py"),
-                                             str(spec_path), str(out_path)], work / "trl.log", SIDE_TIMEOUT_S)
+                                             str(spec_path), str(out_path)], log_path, SIDE_TIMEOUT_S)
     if code != 0 or not out_path.is_file():
-        raise RuntimeError(f"the TRL run failed (exit {code}); see {work / 'trl.log'}:\n"
-                           + (work / "trl.log").read_text()[-3000:])
+        raise RuntimeError(f"the TRL run failed (exit {code}); see {log_path}:\n" + log_path.read_text()[-3000:])
     raw = json.loads(out_path.read_text())
     rollouts = spec["prompts_per_step"] * spec["group_size"]
     steps = [{"time": step["time"], "accuracy": step["rewards/accuracy/mean"], "reward": step["reward"],
               "rollouts": rollouts, "tokens": step["completions/mean_length"] * rollouts,
               "busy_seconds": step["step_seconds"]} for step in raw["steps"]]
     return {"launched": launched, "train_start": raw["train_begin"], "ended": ended, "peak_memory_bytes": peak,
-            "steps": steps, "extra": {key: raw[key] for key in ("torch_threads", "trl_version",
-                                                                 "per_device_train_batch_size",
-                                                                 "gradient_accumulation_steps")}}
+            "steps": steps, "extra": {"load_average_1m_before": load, **{key: raw[key] for key in (
+                "torch_threads", "trl_version", "per_device_train_batch_size", "gradient_accumulation_steps")}}}
 
 
 _LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) +INFO +\S+ ?: *(ready|learner started)\b")
@@ -153,25 +145,6 @@ def ready_times(log_dir: Path) -> dict[str, float]:
     return found
 
 
-def profile_ours(run_dir: Path, duration_s: int, warm_steps: int) -> Any:
-    """A callback for run_child: after warm_steps learner steps, py-spy the learner actor and the vLLM engine core."""
-    def attach(root_pid: int) -> None:
-        metrics = run_dir / "metrics.jsonl"
-        def warm_or_gone() -> bool:
-            return len(read_step_records(metrics)) >= warm_steps or not psutil.pid_exists(root_pid)
-
-        if not wait_for(warm_or_gone, SIDE_TIMEOUT_S) or not psutil.pid_exists(root_pid):
-            return
-        targets = {"learner": find_descendant(root_pid, cmdline_contains("TrainerActor")),
-                   "engine_core": find_descendant(root_pid, cmdline_contains("EngineCore"))}
-        spies = [start_py_spy(pid, run_dir / f"py-spy-{name}.txt", duration_s)
-                 for name, pid in targets.items() if pid is not None]
-        for spy in spies:
-            if spy is not None:
-                spy.wait(timeout=duration_s + 60)
-    return attach
-
-
 def run_ours(name: str, overrides: list[str], work: Path, profile_s: int) -> dict[str, Any]:
     """learner.demo (no evaluation) as a child process; its step records on the common clock."""
     run_dir = work / name
@@ -179,6 +152,7 @@ def run_ours(name: str, overrides: list[str], work: Path, profile_s: int) -> dic
     for override in overrides:
         command += ["--set", override]
     attach = profile_ours(run_dir, profile_s, warm_steps=3) if profile_s else None
+    load = os.getloadavg()[0]
     code, launched, ended, peak = run_child(command, work / f"{name}.log", SIDE_TIMEOUT_S, attach)
     records = read_step_records(run_dir / "metrics.jsonl")
     if code != 0 or not records:
@@ -191,9 +165,10 @@ def run_ours(name: str, overrides: list[str], work: Path, profile_s: int) -> dic
     steps = [{"time": r["time"], "accuracy": r["accuracy"], "reward": r["reward_total"],
               "reduction": r["reduction_ratio"], "rollouts": int(r["groups"]) * group_size,
               "tokens": r["completion_length"] * int(r["groups"]) * group_size,
-              "busy_seconds": r["step_seconds"] + r.get("publish_seconds", 0.0) + r.get("checkpoint_seconds", 0.0)}
-             for r in records]
-    extra = {"rollouts_generated": summary.get("rollouts_generated"), "clock_from_logs": len(ready) == 2,
+              "busy_seconds": r["step_seconds"] + r.get("publish_seconds", 0.0) + r.get("checkpoint_seconds", 0.0),
+              "stale_groups": r.get("turned_away", {}).get("stale", 0)} for r in records]
+    extra = {"load_average_1m_before": load, "clock_from_logs": len(ready) == 2,
+             "rollouts_generated": summary.get("rollouts_generated"),
              "tokens_generated": summary.get("tokens_generated"), "run_dir": str(run_dir)}
     return {"launched": launched, "train_start": train_start, "ended": ended, "peak_memory_bytes": peak,
             "steps": steps, "extra": extra}
@@ -226,6 +201,8 @@ def side_summary(side: dict[str, Any], smooth: int) -> dict[str, Any]:
     }
     if summary.get("rollouts_generated"):
         summary["worker_rollouts_per_s"] = summary["rollouts_generated"] / wall
+        summary["generated_not_trained_share"] = 1 - rollouts / summary["rollouts_generated"]
+        summary["stale_groups_dropped"] = sum(step["stale_groups"] for step in steps)
     return summary
 
 
@@ -262,43 +239,6 @@ def plot(sides: dict[str, dict[str, Any]], target: float, out_path: Path) -> Pat
     return out_path
 
 
-def learner_phases(step_source: Path) -> list[tuple[str, Any]]:
-    """py-spy phase matchers for the learner actor (the reference forward is found by its line in learner/step.py)."""
-    lines = step_source.read_text().splitlines()
-    ref_lines = [f"step.py:{i}" for i, text in enumerate(lines, 1) if "rollout_logprobs(reference" in text]
-    return [
-        ("weight publish", any_frame("publish_policy")), ("checkpoint", any_frame("save_checkpoint")),
-        ("reference forward (no grad)", lambda frames: any("_micro_batch_loss" in f and any(r in f for r in ref_lines)
-                                                          for f in frames)),
-        ("backward", any_frame("backward (", "_engine_run_backward")),
-        ("policy forward: vision tower", any_frame("image_features")),
-        ("policy forward: LLM + log-probs", any_frame("decoder_logits", "pruned_completion_logprobs")),
-        ("optimizer + grad clip", any_frame("clip_grad_norm_", "optimizer.py", "adamw.py")),
-        ("pixel inputs (image processor)", any_frame("_pixel_inputs")),
-        ("collecting groups (Redis, decode)", any_frame("collect_batch")),
-    ]
-
-
-ENGINE_PHASES = [  # vLLM 0.32's model runner (the CPU runner subclasses the GPU one)
-    ("vision encoder", any_frame("_execute_mm_encoder")),
-    ("decoder forward", any_frame("_model_forward")),
-    ("sampling", any_frame("sample_tokens", "_sample (")),
-    ("input preparation (model runner)", any_frame("execute_model")),
-]
-
-
-def profile_verdict(run_dir: Path, duration_s: int, rate_hz: int = 20) -> dict[str, Any]:
-    """Where the dense run's time went: learner and engine-core phase shares, and how busy each was."""
-    verdict: dict[str, Any] = {"tool": f"py-spy record --nonblocking, {rate_hz} Hz, {duration_s} s after step 3"}
-    for name, phases in (("learner", learner_phases(ROOT / "learner" / "step.py")), ("engine_core", ENGINE_PHASES)):
-        stacks = read_collapsed(run_dir / f"py-spy-{name}.txt")
-        shares, samples = phase_shares(stacks, phases)
-        if samples:
-            verdict[name] = {"busy_share": samples / (rate_hz * duration_s), "phases": shares,
-                             "top_self_frames": top_leaf_frames(stacks)}
-    return verdict
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -312,18 +252,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smooth", type=int, default=5, help="steps in the trailing accuracy mean")
     parser.add_argument("--profile-seconds", type=int, default=20, help="py-spy window on the dense run (0: off)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, G=4, 2 prompts, 4 tokens")
-    parser.add_argument("--trl-threads", type=int, default=0, help="torch threads of the TRL run (0: torch's default)")
+    parser.add_argument("--trl-threads", default="1,2",
+                        help="torch thread counts to run TRL with, comma-separated; the fastest is the reference")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders, logs and profiles here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.group_size, args.prompts_per_step, args.max_new_tokens = 2, 4, 2, 4
-        args.smooth, args.profile_seconds = 1, 0
+        args.smooth, args.profile_seconds, args.trl_threads = 1, 0, "1"
+    args.trl_threads = [int(count) for count in str(args.trl_threads).split(",")]
     return args
 
 
+def compare(sides: dict[str, dict[str, Any]], smooth: int) -> tuple[str, dict[str, Any], dict[str, bool]]:
+    """Pick the fastest TRL variant as the reference; our ratios against it and the goals (dense run)."""
+    reference = max((key for key in sides if key.startswith("trl")), key=lambda key: sides[key]["rollouts_per_s"])
+    trl = sides[reference]
+    for summary in sides.values():
+        summary["time_to_trl_final_accuracy_s"] = time_to_accuracy(summary, trl["accuracy_final"], smooth)
+    ratios = {}
+    for key in ("dense", "sparse"):
+        reached = sides[key]["time_to_trl_final_accuracy_s"]
+        ratios[key] = {"rollouts_per_s_vs_trl": sides[key]["rollouts_per_s"] / trl["rollouts_per_s"],
+                       "worker_generation_vs_trl": sides[key].get("worker_rollouts_per_s", 0.0) / trl["rollouts_per_s"],
+                       "time_to_trl_final_accuracy_vs_trl_wall": None if reached is None else reached / trl["train_wall_s"]}
+    goals = {"rollouts_per_s_vs_trl >= 3 (dense)": ratios["dense"]["rollouts_per_s_vs_trl"] >= 3,
+             "time_to_trl_final_accuracy_vs_trl_wall <= 0.5 (dense)":
+                 (ratios["dense"]["time_to_trl_final_accuracy_vs_trl_wall"] or float("inf")) <= 0.5}
+    return reference, ratios, goals
+
+
+def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], sparse: list[str],
+            train_jsonl: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every TRL variant, then ours dense (profiled) and ours sparse; raw side records and the profile."""
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.work_dir)) if args.work_dir
+          else tempfile.TemporaryDirectory(prefix="vs-trl-")) as tmp:
+        work = Path(tmp).resolve()
+        raw = {f"trl-{threads}t": run_trl(trl_spec(settings, train_jsonl) | {"torch_threads": threads}, work,
+                                          f"trl-{threads}t") for threads in args.trl_threads}
+        raw["dense"] = run_ours("dense", dense, work, args.profile_seconds)
+        raw["sparse"] = run_ours("sparse", sparse, work, 0)
+        verdict = profile_verdict(work / "dense", args.profile_seconds) if args.profile_seconds else {}
+    return raw, verdict
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run TRL, ours dense and ours sparse; print the table; write vs_trl.json and vs_trl.png."""
+    """Run TRL, ours dense and ours sparse; print the tables; write vs_trl.json and vs_trl.png."""
     args = parse_args(argv)
     started = time.monotonic()
     overrides = shared_overrides(args)
@@ -332,70 +308,57 @@ def main(argv: list[str] | None = None) -> None:
     dense = [*overrides, "sparsity.budgets=[{kind: keep_ratio, value: 1.0}]"]
     sparse = [*overrides, *([f"sparsity.budgets={args.sparse_budgets}"] if args.sparse_budgets else [])]
     sparse_budgets = [b.label for b in load_settings(DEFAULT_CONFIGS, sparse).sparsity.budgets]
-    labels = {"trl": "TRL GRPOTrainer", "dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
-    spec = trl_spec(settings, train_jsonl) | {"torch_threads": args.trl_threads}
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext(str(args.work_dir)) if args.work_dir
-          else tempfile.TemporaryDirectory(prefix="vs-trl-")) as tmp:
-        work = Path(tmp).resolve()
-        raw = {"trl": run_trl(spec, work),
-               "dense": run_ours("dense", dense, work, args.profile_seconds),
-               "sparse": run_ours("sparse", sparse, work, 0)}
-        verdict = profile_verdict(work / "dense", args.profile_seconds) if args.profile_seconds else {}
+    raw, verdict = run_all(args, settings, dense, sparse, train_jsonl)
     sides = {key: side_summary(side, args.smooth) for key, side in raw.items()}
-    target = sides["trl"]["accuracy_final"]
-    for summary in sides.values():
-        summary["time_to_trl_final_accuracy_s"] = time_to_accuracy(summary, target, args.smooth)
-    trl_wall = sides["trl"]["train_wall_s"]
-    ratios = {key: {"rollouts_per_s_vs_trl": sides[key]["rollouts_per_s"] / sides["trl"]["rollouts_per_s"],
-                    "time_to_trl_final_accuracy_vs_trl_wall": (sides[key]["time_to_trl_final_accuracy_s"] / trl_wall
-                                                               if sides[key]["time_to_trl_final_accuracy_s"] is not None
-                                                               else None)}
-              for key in ("dense", "sparse")}
-    goals = {"rollouts_per_s_vs_trl >= 3 (dense)": ratios["dense"]["rollouts_per_s_vs_trl"] >= 3,
-             "time_to_trl_final_accuracy_vs_trl_wall <= 0.5 (dense)":
-                 (ratios["dense"]["time_to_trl_final_accuracy_vs_trl_wall"] or float("inf")) <= 0.5}
-    results_dir = args.results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    plot({labels[k]: v for k, v in sides.items()}, target, results_dir / "vs_trl.png")
+    reference, ratios, goals = compare(sides, args.smooth)
+    labels = {**{key: f"TRL, {sides[key]['torch_threads']} thread{'s' * (sides[key]['torch_threads'] > 1)}"
+                      + (" *" if key == reference else "") for key in sides if key.startswith("trl")},
+              "dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    plot({labels[key]: value for key, value in sides.items()}, sides[reference]["accuracy_final"],
+         args.results_dir / "vs_trl.png")
     runtime = time.monotonic() - started
     config = {"steps": args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
               "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate, "smooth": args.smooth,
               "beta": settings.learner.beta, "temperature": settings.rollout.temperature,
               "model": str(settings.learner.model_path or settings.rollout.model_path),
               "dataset": str(settings.learner.datasets[0]), "sparse_budgets": sparse_budgets,
-              "trl_torch_threads": sides["trl"]["torch_threads"], "learner_torch_threads": settings.learner.torch_threads,
+              "trl_torch_threads": args.trl_threads, "learner_torch_threads": settings.learner.torch_threads,
               "command": "python bench/vs_trl.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save_results("vs_trl", {"config": config, "definitions": DEFINITIONS, "trl_final_accuracy": target,
-                            "sides": sides, "ratios": ratios, "goals_met": goals, "profile": verdict,
-                            "total_runtime_s": runtime}, results_dir)
-    print_report(sides, labels, ratios, goals, verdict, target, runtime, results_dir)
+    save_results("vs_trl", {"config": config, "definitions": DEFINITIONS, "trl_reference": reference,
+                            "trl_final_accuracy": sides[reference]["accuracy_final"], "sides": sides,
+                            "ratios": ratios, "goals_met": goals, "profile": verdict, "total_runtime_s": runtime},
+                 args.results_dir)
+    print_report(sides, labels, reference, ratios, goals, verdict, runtime, args.results_dir)
 
 
-def print_report(sides: dict[str, dict[str, Any]], labels: dict[str, str], ratios: dict[str, dict[str, Any]],
-                 goals: dict[str, bool], verdict: dict[str, Any], target: float, runtime: float,
+def print_report(sides: dict[str, dict[str, Any]], labels: dict[str, str], reference: str,
+                 ratios: dict[str, dict[str, Any]], goals: dict[str, bool], verdict: dict[str, Any], runtime: float,
                  results_dir: Path) -> None:
-    """The table, the goals and the profile's verdict."""
+    """The tables, the goals and the profile's verdict."""
+    target = sides[reference]["accuracy_final"]
+
     def ratio(key: str, name: str) -> str:
         value = ratios.get(key, {}).get(name)
-        return "—" if key == "trl" else ("not reached" if value is None else f"{value:.2f}×")
+        if key not in ratios:
+            return "reference" if key == reference else "—"
+        return "not reached" if value is None else f"{value:.2f}×"
 
     speed = [[labels[key], s["steps"], s["s_per_step"], s["rollouts_per_s"], s["tokens_per_s"],
               s.get("worker_rollouts_per_s", "—"), s["busy_share"], s["peak_memory_gib"], s["startup_s"],
               s["train_wall_s"], ratio(key, "rollouts_per_s_vs_trl")] for key, s in sides.items()]
-    print_table("Speed (training clock: from the moment each side can generate)",
+    print_table("Speed (training clock: from the moment each side can generate; * = fastest TRL, the reference)",
                 ["side", "steps", "s/step", "rollouts/s", "gen tokens/s", "worker gen rollouts/s",
                  "trainer busy", "peak mem GiB", "start-up s", "train wall s", "rollouts/s vs TRL"], speed)
     learning = [[labels[key], f"{s['accuracy_first']:.3f} → {s['accuracy_final']:.3f}",
                  "—" if s["time_to_trl_final_accuracy_s"] is None else f"{s['time_to_trl_final_accuracy_s']:.1f}",
                  ratio(key, "time_to_trl_final_accuracy_vs_trl_wall")] for key, s in sides.items()]
-    print_table(f"Learning (TRL's final smoothed training accuracy: {target:.3f})",
+    print_table(f"Learning (reference: TRL *, final smoothed training accuracy {target:.3f})",
                 ["side", "smoothed accuracy first → last", "s to TRL's final accuracy",
                  "÷ TRL train wall"], learning)
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
-    for part in ("learner", "engine_core"):
+    for part in PROFILED:
         if part in verdict:
             top = ", ".join(f"{name} {share:.0%}" for name, share in
                             sorted(verdict[part]["phases"].items(), key=lambda kv: -kv[1]))
