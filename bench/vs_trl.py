@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from stack_profile import PROFILED, profile_ours, profile_verdict
 from learner.demo import DEFAULT_CONFIGS
 from learner.report import read_step_records
 from services.data.build import ensure_bundled_split
+from services.data.loader import load_dataset
 from services.settings import Settings, load_settings
 
 SIDE_TIMEOUT_S = 20 * 60
@@ -241,7 +243,7 @@ def plot(sides: dict[str, dict[str, Any]], target: float, out_path: Path) -> Pat
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -282,6 +284,27 @@ def compare(sides: dict[str, dict[str, Any]], smooth: int) -> tuple[str, dict[st
     return reference, ratios, goals
 
 
+def snapshot_inputs(model: Path, train_jsonl: Path, items: int, work: Path) -> tuple[Path, Path]:
+    """Copies of the model and of the first `items` train tasks (with their images) that every side reads.
+
+    Both sides then see byte-identical inputs even when the checkout's model or task split is rebuilt while
+    the bench runs (train splits regenerate from their seed; the base model gets retrained).
+    """
+    model_copy = work / "model"
+    shutil.copytree(model, model_copy, dirs_exist_ok=True)
+    tasks_dir = work / "tasks"
+    (tasks_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in load_dataset(train_jsonl)[:items]:
+        name = f"images/{item.image_path.name}"
+        shutil.copy2(item.image_path, tasks_dir / name)
+        lines.append(json.dumps(item.task.model_copy(update={"image": name}).model_dump(mode="json",
+                                                                                        exclude_none=True)))
+    snapshot = tasks_dir / "train.jsonl"
+    snapshot.write_text("\n".join(lines) + "\n")
+    return model_copy, snapshot
+
+
 def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], sparse: list[str],
             train_jsonl: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Every TRL variant, then ours dense (profiled) and ours sparse; raw side records and the profile."""
@@ -290,10 +313,16 @@ def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], spar
     with (contextlib.nullcontext(str(args.work_dir)) if args.work_dir
           else tempfile.TemporaryDirectory(prefix="vs-trl-")) as tmp:
         work = Path(tmp).resolve()
-        raw = {f"trl-{threads}t": run_trl(trl_spec(settings, train_jsonl) | {"torch_threads": threads}, work,
-                                          f"trl-{threads}t") for threads in args.trl_threads}
-        raw["dense"] = run_ours("dense", dense, work, args.profile_seconds)
-        raw["sparse"] = run_ours("sparse", sparse, work, 0)
+        # Enough tasks for every step even when most generated groups go stale (ours runs ahead of its learner).
+        items = max(2000, 8 * args.steps * args.prompts_per_step)
+        model, tasks = snapshot_inputs(ROOT / (settings.learner.model_path or settings.rollout.model_path),
+                                       train_jsonl, items, work)
+        inputs = [f"rollout.model_path={model}", f"learner.model_path={model}", f"learner.datasets=[{tasks}]"]
+        spec = trl_spec(settings, tasks) | {"model_path": str(model)}
+        raw = {f"trl-{threads}t": run_trl(spec | {"torch_threads": threads}, work, f"trl-{threads}t")
+               for threads in args.trl_threads}
+        raw["dense"] = run_ours("dense", [*dense, *inputs], work, args.profile_seconds)
+        raw["sparse"] = run_ours("sparse", [*sparse, *inputs], work, 0)
         verdict = profile_verdict(work / "dense", args.profile_seconds) if args.profile_seconds else {}
     return raw, verdict
 
