@@ -17,7 +17,7 @@ from services.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
-ENV_FOR_COMPOSE = {"REDIS_PASSWORD": "x", "REWARD_TOKEN": "y", "GRAFANA_ADMIN_PASSWORD": "z"}
+ENV_FOR_COMPOSE = {"REDIS_PASSWORD": "x", "REWARD_TOKEN": "y", "GRAFANA_ADMIN_PASSWORD": "z", "RAY_TOKEN": "r"}
 
 
 def run_compose_config(*files: str) -> dict:
@@ -87,6 +87,9 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert gpu["capabilities"] == ["gpu"]
     for name in ("reward-server", "rollout-worker", "ray-head"):
         assert services[name]["environment"]["SF_REDIS__PASSWORD"] == "change-me-to-a-long-random-string"
+    for name in ("ray-head", "learner-job"):  # the job API runs submitted code: it must want a token
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token"
+        assert services[name]["environment"]["RAY_AUTH_TOKEN"] == "change-me-for-ray"
 
 
 def test_cpu_override_drops_gpu_reservations_and_stays_valid() -> None:
