@@ -89,3 +89,20 @@ def profile_ours(run_dir: Path, duration_s: int, warm_steps: int) -> Any:
             if spy is not None:
                 spy.wait(timeout=duration_s + 60)
     return attach
+
+
+def where_time_goes(dense: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
+    """Plain-language lines from the dense run's summary and its profile: who is the bottleneck, and why."""
+    busy = dense["busy_share"]
+    lines = [f"learner busy {busy:.0%} of the training wall: "
+             + ("it is the bottleneck (rollouts wait for it)" if busy >= 0.8 else "it waits for rollouts part of the time")]
+    if dense.get("rollouts_generated"):
+        lines.append(f"the worker generated {dense['worker_rollouts_per_s'] / dense['rollouts_per_s']:.1f}x the rollouts "
+                     f"trained on; {dense['generated_not_trained_share']:.0%} were never trained "
+                     f"({dense['stale_groups_dropped']} groups dropped as stale, the rest still queued at the end)")
+    for part in PROFILED:
+        if part in verdict:
+            phases = sorted(verdict[part]["phases"].items(), key=lambda kv: -kv[1])
+            lines.append(f"{part} (py-spy, busiest thread active {verdict[part]['busy_share']:.0%} of the window): "
+                         + ", ".join(f"{name} {share:.0%}" for name, share in phases))
+    return lines
