@@ -36,15 +36,16 @@ def audit(loop: FaultLoop, table: list, scenario: str, recover_s: float | None) 
     assert steps == list(range(1, len(steps) + 1)), f"the step history has gaps or repeats: {steps}"
 
 
-def first_step(loop: FaultLoop) -> None:
-    loop.wait_for(lambda: len(loop.steps()) >= 1, STARTUP_S, "the first learner step")
+def mid_batch(loop: FaultLoop) -> None:
+    """Early in the run (most tasks still to come), while the worker holds a batch it has not published."""
+    loop.wait_for(lambda: loop.groups_published() >= 1 and loop.tasks_held_by_workers() > 0, STARTUP_S,
+                  "the worker holding a batch after its first group")
 
 
 def test_a_worker_killed_mid_generation_is_replaced_and_its_batch_redone(fault_loop, fault_table) -> None:
     loop = fault_loop("worker")
     loop.start()
-    first_step(loop)
-    loop.wait_for(lambda: loop.tasks_held_by_workers() > 0, 60, "the worker holding a batch")
+    mid_batch(loop)
     killed_at = loop.kill("rollout_worker")
     loop.start_worker("rollout_worker_2")  # a new consumer; the dead one's tasks are reclaimed after 3 s idle
     loop.wait_for(lambda: loop.groups_published() >= 1, 180, "a group from the new worker")
@@ -55,9 +56,8 @@ def test_a_worker_killed_mid_generation_is_replaced_and_its_batch_redone(fault_l
 def test_a_reward_server_killed_mid_batch_stalls_the_worker_until_it_is_back(fault_loop, fault_table) -> None:
     loop = fault_loop("reward")
     loop.start()
-    first_step(loop)
     worker_pid = loop.running["rollout_worker"].process.pid
-    loop.wait_for(lambda: loop.tasks_held_by_workers() > 0, 60, "the worker holding a batch")
+    mid_batch(loop)
     killed_at = loop.kill("reward_server")
     loop.wait_for(lambda: "reward server unavailable" in loop.log("rollout_worker"), 60,
                   "the worker meeting the outage")
@@ -71,7 +71,7 @@ def test_a_reward_server_killed_mid_batch_stalls_the_worker_until_it_is_back(fau
 def test_a_redis_restart_mid_run_loses_nothing(fault_loop, fault_table) -> None:
     loop = fault_loop("redis")
     loop.start()
-    first_step(loop)
+    loop.wait_for(lambda: len(loop.steps()) >= 1, STARTUP_S, "the first learner step")
     published = loop.groups_published()
     loop.redis.kill()  # a crash, not a clean shutdown: the AOF (fsync always) must hold every entry
     killed_at = time.time()
@@ -95,7 +95,7 @@ def test_a_learner_killed_mid_step_resumes_from_its_checkpoint(fault_loop, fault
 
 
 def test_a_weight_blob_corrupted_in_transit_is_refused_and_the_old_version_kept(fault_loop, fault_table) -> None:
-    loop = fault_loop("blob")
+    loop = fault_loop("blob", tasks=16)  # room for two more publishes after the tampered one
     loop.start()
     loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) >= 1, STARTUP_S,
                   "the worker on weights v1")
