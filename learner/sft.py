@@ -12,13 +12,14 @@ ratios 0.5 / 0.25 / 0.125 with the default attention scorer (the 'before RL' row
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from learner.grounding import answer_token_mask, attention_mass_loss
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
+from services.data.layout import Layout, load_layouts
 from services.data.scenes import SceneSpec
 from services.modeling import TinyModelSpec, build_tiny_model, count_parameters, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer, training_inputs
@@ -46,6 +49,7 @@ class TrainPart(BaseModel):
     grid_size: int = Field(2, ge=1, description="Digit grid side (digits only).")
     min_objects: int = Field(2, ge=1, description="Fewest shapes (scenes only).")
     max_objects: int = Field(3, ge=1, description="Most shapes (scenes only).")
+    opening: bool = Field(False, description="Trained on alone for the recipe's first opening_steps steps.")
 
     @property
     def name(self) -> str:
@@ -62,18 +66,18 @@ class TrainPart(BaseModel):
 
 
 _DENSE_SCENES = {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 2.0}
-_DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
+_DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 2.0, "read_grid": 2.0}
 
 # A curriculum by image size: when one object or digit fills the picture, a model from scratch learns
 # to see it within ~50 steps; when it covers a small share of a large image, the model sits on the
 # answer prior for hundreds of steps. The single-cell parts use the same cell size as the full tasks,
 # so what is learned there transfers.
 DEFAULT_TRAIN_PARTS: tuple[TrainPart, ...] = (
-    TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1,
+    TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1, opening=True,
               question_mix={"colour": 1.0, "shape": 1.0, "count": 1.0, "list_objects": 1.0}),
     TrainPart(family="scenes", image_size=224, items=8000, min_objects=2, max_objects=3,
               question_mix=_DENSE_SCENES),
-    TrainPart(family="digits", image_size=112, items=4000, grid_size=1, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=112, items=4000, grid_size=1, opening=True, question_mix=_DENSE_DIGITS),
     TrainPart(family="digits", image_size=224, items=8000, grid_size=2, question_mix=_DENSE_DIGITS),
 )
 
@@ -97,7 +101,21 @@ class SFTConfig(BaseModel):
     eval_batch_size: int = Field(64, ge=1, description="Batch size of greedy evaluation.")
     keep_ratios: tuple[float, ...] = Field((0.5, 0.25, 0.125), description="Pruned-eval keep ratios.")
     pruned_eval_items: int = Field(200, ge=0, description="Test items per family in the pruned eval.")
-    threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest on a shared 2-core box).")
+    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    attention_weight: float = Field(
+        0.5, ge=0, description="Weight of the answer-attention loss (learner/grounding.py); 0 turns it off."
+    )
+    attention_layer: int = Field(3, ge=0, description="Decoder layer whose attention is grounded (not the scorer's).")
+    attention_heads: int = Field(2, ge=1, description="How many of that layer's heads are grounded.")
+    opening_steps: int = Field(
+        250, ge=0, description="Steps on the opening (single-cell) parts alone before every part is mixed in."
+    )
+    eval_every: int = Field(0, ge=0, description="Print val accuracy every N steps (0: only at the end).")
+
+
+def _default_spec(family: str) -> dict:
+    """The generator parameters of a family's evaluation splits, recorded so a changed generator rebuilds them."""
+    return (SceneSpec() if family == "scenes" else DigitGridSpec()).model_dump()
 
 
 def _up_to_date(recipe_path: Path, jsonl_path: Path, recipe: dict) -> bool:
@@ -113,7 +131,8 @@ def ensure_splits(config: SFTConfig) -> tuple[list[Path], dict[str, dict[str, Pa
         family_dir = config.data_dir / family
         eval_paths[family] = {}
         for split in ("val", "test"):
-            recipe = {"family": family, "split": split, "seed": config.seed, "items": getattr(sizes, split)}
+            recipe = {"family": family, "split": split, "seed": config.seed, "items": getattr(sizes, split),
+                      "spec": _default_spec(family)}
             jsonl_path = family_dir / f"{split}.jsonl"
             if not _up_to_date(family_dir / f"{split}.recipe.json", jsonl_path, recipe):
                 shutil.rmtree(family_dir / "images" / split, ignore_errors=True)
@@ -123,11 +142,12 @@ def ensure_splits(config: SFTConfig) -> tuple[list[Path], dict[str, dict[str, Pa
     train_paths = []
     for part in config.train_parts:
         family_dir = config.data_dir / part.family
-        recipe = {"seed": config.seed, **part.model_dump()}
+        scene_spec, digit_spec = part.specs()
+        recipe = {"seed": config.seed, **part.model_dump(),
+                  "spec": (scene_spec or digit_spec).model_dump()}
         jsonl_path = family_dir / f"{part.name}.jsonl"
         if not _up_to_date(family_dir / f"{part.name}.recipe.json", jsonl_path, recipe):
             shutil.rmtree(family_dir / "images" / part.name, ignore_errors=True)
-            scene_spec, digit_spec = part.specs()
             build_part(part.family, config.data_dir, part.name, part.items, config.seed, scene_spec, digit_spec)
             (family_dir / f"{part.name}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         train_paths.append(jsonl_path)
@@ -142,38 +162,82 @@ def learning_rate_at(step: int, config: SFTConfig) -> float:
     return config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], config: SFTConfig) -> list[float]:
-    """Teacher-forced SFT on the answer tokens; returns the loss of each step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, betas=(0.9, 0.98))
+def batch_indices(total: int, opening_pool: Sequence[int], config: SFTConfig) -> Iterator[list[int]]:
+    """Each step's item indices: shuffled passes over the opening pool for opening_steps, then over all items.
+
+    The opening parts show one object or digit filling the image, where the decoder learns to read visual
+    features within tens of steps; on the full images it then only has to learn where to look.
+    """
     order_rng = random.Random(config.seed)
     order: list[int] = []
+    for step in itertools.count():
+        pool = opening_pool if step < config.opening_steps and opening_pool else range(total)
+        if step == config.opening_steps:
+            order.clear()
+        if len(order) < config.batch_size:
+            fresh = list(pool)
+            order_rng.shuffle(fresh)
+            order.extend(fresh)
+        yield order[:config.batch_size]
+        del order[:config.batch_size]
+
+
+def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layouts: dict[str, Layout],
+          config: SFTConfig, eval_items: dict[str, Sequence[DatasetItem]] | None = None,
+          opening_pool: Sequence[int] = ()) -> list[float]:
+    """Teacher-forced SFT on the answer tokens plus the grounding loss; returns each step's answer loss."""
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98))
+    batches = batch_indices(len(items), opening_pool, config)
     losses: list[float] = []
+    grounding_losses: list[float] = []
     model.train()
     progress = tqdm(range(config.steps), desc="sft", unit="step")
     for step in progress:
-        if len(order) < config.batch_size:
-            fresh = list(range(len(items)))
-            order_rng.shuffle(fresh)
-            order.extend(fresh)
-        batch_items = [items[i] for i in order[:config.batch_size]]
-        del order[:config.batch_size]
+        batch_items = [items[i] for i in next(batches)]
         batch = training_inputs(
             processor, [it.task.question for it in batch_items],
             [open_image(it.image_path) for it in batch_items], [it.task.answer for it in batch_items],
         )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        batch_layouts = [layouts.get(it.task.id) for it in batch_items]
+        grounded = all(batch_layouts)
+        output = model(**batch, output_attentions=grounded and config.attention_weight > 0)
+        loss = output.loss
+        grounding = grounding_loss(model, batch, output, batch_layouts, config) if grounded else torch.zeros(())
+        total = loss + grounding
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        grounding_losses.append(float(grounding))
         if step % 10 == 0:
-            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{learning_rate_at(step, config):.1e}")
+            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", grounding=f"{np.mean(grounding_losses[-20:]):.3f}",
+                                 lr=f"{learning_rate_at(step, config):.1e}")
+        if eval_items and config.eval_every and (step + 1) % config.eval_every == 0:
+            model.eval()
+            scores = {family: dense_accuracy(model, processor, family_items, config.eval_batch_size, family)
+                      for family, family_items in eval_items.items()}
+            progress.write(f"step {step + 1}: val " + ", ".join(
+                f"{family} {score['accuracy']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in score['by_kind'].items())})"
+                for family, score in scores.items()))
+            model.train()
     model.eval()
     return losses
+
+
+def grounding_loss(model, batch: dict, output, layouts: Sequence[Layout], config: SFTConfig) -> torch.Tensor:
+    """The weighted answer-attention loss of one batch (learner/grounding.py); 0 when nothing is grounded."""
+    if config.attention_weight == 0:
+        return torch.zeros(())
+    grids = [(int(h) // 2, int(w) // 2) for _t, h, w in batch["image_grid_thw"].tolist()]
+    masks = [answer_token_mask(layout, *grid) for layout, grid in zip(layouts, grids, strict=True)]
+    attention = attention_mass_loss(output.attentions[config.attention_layer], batch["input_ids"],
+                                    batch["labels"], model.config.image_token_id, masks, config.attention_heads)
+    return torch.zeros(()) if attention is None else config.attention_weight * attention
 
 
 def question_kind(item: DatasetItem) -> str:
@@ -242,7 +306,13 @@ def run(config: SFTConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_paths, paths = ensure_splits(config)
-    train_items = [item for path in train_paths for item in load_dataset(path)]
+    train_items, opening_pool = [], []
+    for part, path in zip(config.train_parts, train_paths, strict=True):
+        part_items = load_dataset(path)
+        if part.opening:
+            opening_pool.extend(range(len(train_items), len(train_items) + len(part_items)))
+        train_items.extend(part_items)
+    layouts = {task_id: layout for path in train_paths for task_id, layout in load_layouts(path).items()}
     # Answers stand alone, as they follow "assistant\n" in the prompt (no leading space).
     corpus = [text for it in train_items for text in (it.task.question, it.task.answer)]
     data_s = time.perf_counter() - started
@@ -250,7 +320,10 @@ def run(config: SFTConfig) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     build_tiny_model(staging, TinyModelSpec(seed=config.seed), corpus=corpus)
     model, processor = load_model_and_processor(staging)
-    losses = train(model, processor, train_items, config)
+    # The answer-attention loss reads softmax weights, which only eager attention returns.
+    model.set_attn_implementation("eager")
+    eval_items = {family: load_dataset(splits["val"])[:64] for family, splits in paths.items()}
+    losses = train(model, processor, train_items, layouts, config, eval_items, opening_pool)
     train_s = time.perf_counter() - started - data_s
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.data.layout import CellContent, GeneratedItem, Layout, position_tint
 from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
@@ -30,6 +31,9 @@ class DigitGridSpec(BaseModel):
     question_mix: dict[str, float] = Field(
         default_factory=lambda: {"digit_at": 3.0, "is_digit": 1.0},
         description="Relative weight of each question kind.",
+    )
+    position_tint: float = Field(
+        48.0, ge=0, le=96, description="Grey levels the page's red/blue fade across the image (0: plain grey)."
     )
 
     @model_validator(mode="after")
@@ -71,46 +75,59 @@ def digit_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_grid(digit_images: np.ndarray, spec: DigitGridSpec) -> Image.Image:
-    """Dark ink on a white page (greyscale): digit_images (grid_size**2, 8, 8) laid out row-major."""
+    """Dark ink on a light page: digit_images (grid_size**2, 8, 8) laid out row-major."""
     cell = spec.cell_pixels
-    # A white margin keeps neighbouring digits from touching.
+    # A margin keeps neighbouring digits from touching.
     margin = max(1, cell // 14)
     inner = cell - 2 * margin
-    page = np.full((spec.image_size, spec.image_size), 255, dtype=np.uint8)
+    ink = np.zeros((spec.image_size, spec.image_size), dtype=np.float32)
     for position, digit in enumerate(digit_images):
         row, column = divmod(position, spec.grid_size)
-        ink = Image.fromarray((255.0 - digit * (255.0 / 16.0)).astype(np.uint8), mode="L")
+        bitmap = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8), mode="L")
         top, left = row * cell + margin, column * cell + margin
-        page[top:top + inner, left:left + inner] = np.asarray(ink.resize((inner, inner), Image.Resampling.BILINEAR))
-    # Grey PNGs are a third the size; every reader converts to RGB (services.data.loader.open_image).
-    return Image.fromarray(page, mode="L")
+        resized = bitmap.resize((inner, inner), Image.Resampling.BILINEAR)
+        ink[top:top + inner, left:left + inner] = np.asarray(resized, dtype=np.float32) / 255.0
+    if spec.position_tint == 0:
+        # Grey PNGs are a third the size; every reader converts to RGB (services.data.loader.open_image).
+        return Image.fromarray(np.round(255.0 * (1.0 - ink)).astype(np.uint8), mode="L")
+    page = 255.0 - position_tint(spec.image_size, spec.position_tint)
+    pixels = page * (1.0 - ink[:, :, None])
+    return Image.fromarray(np.round(pixels).astype(np.uint8), mode="RGB")
 
 
 def ask_question(
     rng: np.random.Generator, labels: np.ndarray, kind: str, grid_size: int
-) -> tuple[str, str, AnswerType]:
-    """(question, answer, answer_type) about one cell; rows and columns count from 1."""
+) -> tuple[str, str, AnswerType, list[int]]:
+    """(question, answer, answer_type, cell positions the answer is read from); rows and columns count from 1."""
     position = int(rng.integers(len(labels)))
     row, column = divmod(position, grid_size)
     where = f"row {row + 1}, column {column + 1}"
     if kind == "digit_at":
-        return f"What digit is in {where}?", str(int(labels[position])), AnswerType.NUMBER
+        return f"What digit is in {where}?", str(int(labels[position])), AnswerType.NUMBER, [position]
     if kind == "is_digit":
         # Balanced yes/no: half the time ask about the true digit, otherwise about another one.
         truth = int(labels[position])
         asked = truth if rng.random() < 0.5 else int(rng.choice([d for d in range(10) if d != truth]))
         answer = "yes" if asked == truth else "no"
-        return f"Is the digit in {where} a {asked}?", answer, AnswerType.YES_NO
+        return f"Is the digit in {where} a {asked}?", answer, AnswerType.YES_NO, [position]
     if kind == "read_grid":
         rows = ["".join(str(int(d)) for d in labels[r * grid_size:(r + 1) * grid_size]) for r in range(grid_size)]
-        return "Read the digits row by row.", " ".join(rows), AnswerType.EXACT
+        return "Read the digits row by row.", " ".join(rows), AnswerType.EXACT, list(range(len(labels)))
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
+
+
+def digit_layout(task_id: str, labels: np.ndarray, read_from: list[int], spec: DigitGridSpec) -> Layout:
+    """The grid, the digit in each of its cells, and the cells the answer is read from."""
+    cells = [CellContent(row=position // spec.grid_size, column=position % spec.grid_size, digit=int(label))
+             for position, label in enumerate(labels)]
+    return Layout(id=task_id, cells_per_side=spec.grid_size, cell_pixels=spec.cell_pixels, cells=cells,
+                  answer_cells=[divmod(position, spec.grid_size) for position in read_from])
 
 
 def generate_digit_grids(
     rng: np.random.Generator, spec: DigitGridSpec, split: str, count: int, pool: str | None = None
-) -> Iterator[tuple[Task, Image.Image]]:
-    """Yield `count` (task, image) pairs for one split, drawing digits from `pool` (default: the split's)."""
+) -> Iterator[GeneratedItem]:
+    """Yield `count` (task, image, layout) items for one split, drawing digits from `pool` (default: the split's)."""
     pool_images, pool_labels = digit_pool(pool or split)
     kinds = list(spec.question_mix)
     weights = np.array([spec.question_mix[kind] for kind in kinds], dtype=float)
@@ -118,8 +135,8 @@ def generate_digit_grids(
         chosen = rng.choice(len(pool_labels), size=spec.grid_size**2, replace=False)
         image = render_grid(pool_images[chosen], spec)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        question, answer, answer_type = ask_question(rng, pool_labels[chosen], kind, spec.grid_size)
+        question, answer, answer_type, read_from = ask_question(rng, pool_labels[chosen], kind, spec.grid_size)
         task_id = f"digits-{split}-{index:06d}"
         task = Task(id=task_id, image=f"images/{split}/{task_id}.png", question=question, answer=answer,
                     answer_type=answer_type)
-        yield task, image
+        yield GeneratedItem(task, image, digit_layout(task_id, pool_labels[chosen], read_from, spec))

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.data.layout import CellContent, GeneratedItem, Layout, position_tint
 from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
@@ -44,6 +45,9 @@ class SceneSpec(BaseModel):
     )
     background_noise: float = Field(
         0.0, ge=0, le=64, description="Std of the background's pixel noise (0 keeps the PNGs small)."
+    )
+    position_tint: float = Field(
+        48.0, ge=0, le=96, description="Grey levels the background's red/blue fade across the canvas (0: flat)."
     )
 
     @model_validator(mode="after")
@@ -105,7 +109,8 @@ def _shape_outline(shape: str, box: tuple[float, float, float, float]) -> list[t
 def render_scene(rng: np.random.Generator, objects: list[SceneObject], spec: SceneSpec) -> Image.Image:
     """Draw the objects, each jittered inside its cell, on a light noisy background."""
     noise = rng.normal(0.0, spec.background_noise, size=(spec.image_size, spec.image_size, 1))
-    canvas = np.clip(235.0 + noise, 0, 255).repeat(3, axis=2).astype(np.uint8)
+    background = 235.0 + noise - position_tint(spec.image_size, spec.position_tint)
+    canvas = np.clip(background, 0, 255).astype(np.uint8)
     image = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(image)
     for scene_object in objects:
@@ -127,43 +132,48 @@ def render_scene(rng: np.random.Generator, objects: list[SceneObject], spec: Sce
 
 def ask_question(
     rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
-) -> tuple[str, str, AnswerType, list[str] | None]:
-    """(question, answer, answer_type, choices) of one kind about the scene."""
+) -> tuple[str, str, AnswerType, list[str] | None, list[SceneObject]]:
+    """(question, answer, answer_type, choices, objects the answer is read from) of one kind."""
     if kind == "list_objects":
         ordered = sorted(objects, key=lambda o: (o.row, o.column))
         answer = ", ".join(f"{o.colour} {o.shape}" for o in ordered)
-        return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None
+        return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None, ordered
     if kind == "count":
         shape = str(rng.choice(SHAPES))
-        answer = sum(scene_object.shape == shape for scene_object in objects)
-        return f"How many {shape}s are there?", str(answer), AnswerType.NUMBER, None
+        counted = [scene_object for scene_object in objects if scene_object.shape == shape]
+        return f"How many {shape}s are there?", str(len(counted)), AnswerType.NUMBER, None, counted
     if kind == "colour":
         unique_shapes = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
         if not unique_shapes:
             return ask_question(rng, objects, "shape", cells_per_side)
         target = unique_shapes[int(rng.integers(len(unique_shapes)))]
-        return f"What colour is the {target.shape}?", target.colour, AnswerType.EXACT, None
+        return f"What colour is the {target.shape}?", target.colour, AnswerType.EXACT, None, [target]
     target = objects[int(rng.integers(len(objects)))]
     if kind == "shape":
-        return f"What shape is the {target.colour} object?", target.shape, AnswerType.EXACT, None
+        return f"What shape is the {target.colour} object?", target.shape, AnswerType.EXACT, None, [target]
     if kind == "position":
         question = f"Where is the {target.colour} {target.shape}?"
-        return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS)
+        return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS), [target]
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
 
 
-def generate_scenes(rng: np.random.Generator, spec: SceneSpec, split: str, count: int) -> Iterator[
-    tuple[Task, Image.Image]
-]:
-    """Yield `count` (task, image) pairs of the scenes family for one split."""
+def scene_layout(task_id: str, objects: list[SceneObject], read_from: list[SceneObject], spec: SceneSpec) -> Layout:
+    """The scene's placement grid, the object in each occupied cell, and the cells the answer is read from."""
+    cells = [CellContent(row=o.row, column=o.column, colour=o.colour, shape=o.shape) for o in objects]
+    return Layout(id=task_id, cells_per_side=spec.cells_per_side, cell_pixels=spec.cell_pixels, cells=cells,
+                  answer_cells=[(o.row, o.column) for o in read_from])
+
+
+def generate_scenes(rng: np.random.Generator, spec: SceneSpec, split: str, count: int) -> Iterator[GeneratedItem]:
+    """Yield `count` (task, image, layout) items of the scenes family for one split."""
     kinds = list(spec.question_mix)
     weights = np.array([spec.question_mix[kind] for kind in kinds], dtype=float)
     for index in range(count):
         objects = sample_scene(rng, spec)
         image = render_scene(rng, objects, spec)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        question, answer, answer_type, choices = ask_question(rng, objects, kind, spec.cells_per_side)
+        question, answer, answer_type, choices, read_from = ask_question(rng, objects, kind, spec.cells_per_side)
         task_id = f"scenes-{split}-{index:06d}"
         task = Task(id=task_id, image=f"images/{split}/{task_id}.png", question=question, answer=answer,
                     answer_type=answer_type, choices=choices)
-        yield task, image
+        yield GeneratedItem(task, image, scene_layout(task_id, objects, read_from, spec))

@@ -7,10 +7,9 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from services.schemas.models import Task
+from services.data.layout import GeneratedItem, write_layouts
 
 SPLITS = ("train", "val", "test")
 
@@ -23,18 +22,19 @@ def split_seed(seed: int, split: str, salt: int) -> list[int]:
     return [seed, code, salt]
 
 
-def write_split(
-    items: Iterable[tuple[Task, Image.Image]], out_dir: Path, split: str, total: int, label: str
-) -> Path:
-    """Save each image under images/<split>/ and its task line into <split>.jsonl; return the JSONL path."""
+def write_split(items: Iterable[GeneratedItem], out_dir: Path, split: str, total: int, label: str) -> Path:
+    """Save each image under images/<split>/, its task line into <split>.jsonl and its layout beside it."""
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     jsonl_path = out_dir / f"{split}.jsonl"
     partial_path = jsonl_path.with_suffix(".jsonl.partial")
+    layouts = []
     with partial_path.open("w", encoding="utf-8") as lines:
-        for task, image in tqdm(items, total=total, desc=f"{label}/{split}", unit="item", leave=False):
+        for task, image, layout in tqdm(items, total=total, desc=f"{label}/{split}", unit="item", leave=False):
             image.save(out_dir / task.image, format="PNG", optimize=False)
             lines.write(json.dumps(task.model_dump(mode="json", exclude_none=True)) + "\n")
+            layouts.append(layout)
+    write_layouts(layouts, jsonl_path)
     # Rename last, so a half-written split never looks complete.
     partial_path.replace(jsonl_path)
     return jsonl_path

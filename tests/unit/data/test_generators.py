@@ -11,6 +11,7 @@ from PIL import Image
 
 from services.data import SplitSizes, build_family, load_dataset
 from services.data.digits import DigitGridSpec, digit_pool, generate_digit_grids, render_grid
+from services.data.layout import load_layouts
 from services.data.scenes import COLOURS, SceneSpec, generate_scenes, render_scene, sample_scene
 
 SMALL = SplitSizes(train=6, val=3, test=5)
@@ -45,11 +46,11 @@ def test_digit_pools_of_the_splits_share_no_image() -> None:
 
 
 def test_test_grids_only_draw_digits_from_the_test_pool() -> None:
-    spec = DigitGridSpec()
+    spec = DigitGridSpec(position_tint=0)
     pool_images, _ = digit_pool("test")
-    one_cell = DigitGridSpec(image_size=spec.cell_pixels, grid_size=1)
+    one_cell = DigitGridSpec(image_size=spec.cell_pixels, grid_size=1, position_tint=0)
     rendered_pool = {render_grid(image[None], one_cell).tobytes() for image in pool_images}
-    _task, grid = next(generate_digit_grids(np.random.default_rng(0), spec, "test", 1))
+    _task, grid, _layout = next(generate_digit_grids(np.random.default_rng(0), spec, "test", 1))
     cell = spec.cell_pixels
     for row in range(spec.grid_size):
         for column in range(spec.grid_size):
@@ -58,11 +59,11 @@ def test_test_grids_only_draw_digits_from_the_test_pool() -> None:
 
 
 def test_digit_question_answers_the_digit_drawn_in_that_cell() -> None:
-    spec = DigitGridSpec(image_size=112, grid_size=2, question_mix={"digit_at": 1.0})
+    spec = DigitGridSpec(image_size=112, grid_size=2, question_mix={"digit_at": 1.0}, position_tint=0)
     images, labels = digit_pool("val")
-    by_bitmap = {render_grid(image[None], DigitGridSpec(image_size=56, grid_size=1)).tobytes(): int(label)
-                 for image, label in zip(images, labels)}
-    for task, grid in generate_digit_grids(np.random.default_rng(1), spec, "val", 20):
+    single = DigitGridSpec(image_size=56, grid_size=1, position_tint=0)
+    by_bitmap = {render_grid(image[None], single).tobytes(): int(label) for image, label in zip(images, labels)}
+    for task, grid, _layout in generate_digit_grids(np.random.default_rng(1), spec, "val", 20):
         words = task.question.rstrip("?").replace(",", "").split()
         row, column = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
         crop = grid.crop((column * 56, row * 56, (column + 1) * 56, (row + 1) * 56))
@@ -72,7 +73,7 @@ def test_digit_question_answers_the_digit_drawn_in_that_cell() -> None:
 def test_scene_colour_answer_matches_the_pixels_of_that_shape() -> None:
     spec = SceneSpec(question_mix={"colour": 1.0})
     rng = np.random.default_rng(5)
-    for task, image in generate_scenes(rng, spec, "test", 30):
+    for task, image, _layout in generate_scenes(rng, spec, "test", 30):
         pixels = np.asarray(image).reshape(-1, 3)
         present = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).any()}
         if task.question.startswith("What colour"):
@@ -94,10 +95,10 @@ def test_scene_objects_sit_in_distinct_cells_with_distinct_colours() -> None:
 
 def test_question_mix_controls_which_questions_are_asked() -> None:
     only_count = SceneSpec(question_mix={"count": 1.0, "colour": 0.0})
-    tasks = [task for task, _ in generate_scenes(np.random.default_rng(2), only_count, "train", 20)]
+    tasks = [item.task for item in generate_scenes(np.random.default_rng(2), only_count, "train", 20)]
     assert all(task.question.startswith("How many") and task.answer.isdigit() for task in tasks)
     only_yes_no = DigitGridSpec(question_mix={"is_digit": 1.0})
-    answers = [task.answer for task, _ in generate_digit_grids(np.random.default_rng(2), only_yes_no, "val", 40)]
+    answers = [item.task.answer for item in generate_digit_grids(np.random.default_rng(2), only_yes_no, "val", 40)]
     assert set(answers) == {"yes", "no"}
 
 
@@ -128,11 +129,39 @@ def test_image_size_sets_the_visual_grid_without_resizing(tmp_path: Path) -> Non
 def test_dense_training_questions_name_every_object_and_digit() -> None:
     spec = SceneSpec(question_mix={"list_objects": 1.0})
     rng = np.random.default_rng(7)
-    for task, _ in generate_scenes(rng, spec, "train", 10):
+    for task, _image, _layout in generate_scenes(rng, spec, "train", 10):
         names = task.answer.split(", ")
         assert 2 <= len(names) <= 3
         assert all(name.split()[0] in COLOURS for name in names)
     grid_spec = DigitGridSpec(question_mix={"read_grid": 1.0})
-    task, _ = next(generate_digit_grids(np.random.default_rng(0), grid_spec, "train", 1))
+    task = next(generate_digit_grids(np.random.default_rng(0), grid_spec, "train", 1)).task
     rows = task.answer.split(" ")
     assert len(rows) == 2 and all(len(row) == 2 and row.isdigit() for row in rows)
+
+
+def test_layouts_record_what_each_answer_is_read_from(tmp_path: Path) -> None:
+    build_family("scenes", tmp_path, seed=1, sizes=SplitSizes(train=0, val=0, test=20), splits=("test",))
+    build_family("digits", tmp_path, seed=1, sizes=SplitSizes(train=0, val=0, test=20), splits=("test",))
+    for family in ("scenes", "digits"):
+        jsonl = tmp_path / family / "test.jsonl"
+        layouts = load_layouts(jsonl)
+        items = load_dataset(jsonl)
+        assert set(layouts) == {item.task.id for item in items}
+        for item in items:
+            layout = layouts[item.task.id]
+            if item.task.question.startswith("What colour is the "):
+                shape = item.task.question.removeprefix("What colour is the ").rstrip("?")
+                assert [c.colour for c in layout.cells if c.shape == shape] == [item.task.answer]
+            if item.task.question.startswith("What digit is in row"):
+                words = item.task.question.rstrip("?").replace(",", "").split()
+                row, column = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+                assert [c.digit for c in layout.cells if (c.row, c.column) == (row, column)] == [int(item.task.answer)]
+
+
+def test_position_tint_makes_every_patch_of_the_background_distinct() -> None:
+    image = np.asarray(render_scene(np.random.default_rng(0), [], SceneSpec()), dtype=np.int16)
+    patch_means = {tuple(image[r:r + 28, c:c + 28].reshape(-1, 3).mean(axis=0).round())
+                   for r in range(0, 224, 28) for c in range(0, 224, 28)}
+    assert len(patch_means) == 64
+    flat = np.asarray(render_scene(np.random.default_rng(0), [], SceneSpec(position_tint=0)))
+    assert (flat == 235).all()

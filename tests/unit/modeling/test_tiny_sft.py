@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.sft import SFTConfig, TrainPart, ensure_splits, learning_rate_at
+from learner.sft import SFTConfig, TrainPart, batch_indices, ensure_splits, learning_rate_at
 from services.data import load_dataset, open_image
 
 
@@ -40,3 +40,12 @@ def test_train_parts_and_eval_splits_are_generated_once_and_redone_on_recipe_cha
     assert all(item.task.question.startswith("What digit") for item in load_dataset(train_paths[0]))
     assert train_paths[1].stat().st_mtime_ns == stamps[train_paths[1]]
     assert eval_paths["digits"]["test"].stat().st_mtime_ns == stamps[eval_paths["digits"]["test"]]
+
+
+def test_opening_steps_draw_from_the_opening_pool_only_then_from_everything(tmp_path: Path) -> None:
+    config = SFTConfig(out=tmp_path, batch_size=4, opening_steps=3)
+    batches = batch_indices(20, range(5), config)
+    opening = [next(batches) for _ in range(3)]
+    assert all(len(batch) == 4 and set(batch) <= set(range(5)) for batch in opening)
+    later = [index for _ in range(5) for index in next(batches)]
+    assert sorted(later) == list(range(20))
