@@ -220,7 +220,7 @@ def time_to_accuracy(summary: dict[str, Any], target: float, smooth: int) -> flo
     return None
 
 
-def plot(sides: dict[str, dict[str, Any]], target: float, out_path: Path) -> Path:
+def plot(sides: dict[str, dict[str, Any]], target: float, smooth: int, out_path: Path) -> Path:
     """Smoothed training accuracy and reward against training-clock time, one curve per side."""
     import matplotlib
 
@@ -232,7 +232,7 @@ def plot(sides: dict[str, dict[str, Any]], target: float, out_path: Path) -> Pat
         times = [point["t"] for point in summary["curve"]]
         line, = axes[0].plot(times, [p["smoothed_accuracy"] for p in summary["curve"]], label=label)
         axes[0].scatter(times, [p["accuracy"] for p in summary["curve"]], s=6, alpha=0.3, color=line.get_color())
-        axes[1].plot(times, trailing_mean([p["reward"] for p in summary["curve"]], 5), label=label)
+        axes[1].plot(times, trailing_mean([p["reward"] for p in summary["curve"]], smooth), label=label)
     axes[0].axhline(target, linestyle="--", color="grey", label="TRL final accuracy")
     for axis, title in zip(axes, ("training accuracy (smoothed; dots: per step)", "training reward (smoothed)")):
         axis.set_xlabel("seconds since the side could generate")
@@ -282,7 +282,8 @@ def compare(sides: dict[str, dict[str, Any]], smooth: int) -> tuple[dict[str, An
         ratios[key] = {"rollouts_per_s_vs_trl": sides[key]["rollouts_per_s"] / trl["rollouts_per_s"],
                        "worker_generation_vs_trl": sides[key].get("worker_rollouts_per_s", 0.0) / trl["rollouts_per_s"],
                        "time_to_trl_final_accuracy_vs_trl_wall": None if reached is None else reached / trl["train_wall_s"]}
-    goals = {"rollouts_per_s_vs_trl >= 3 (dense)": ratios["dense"]["rollouts_per_s_vs_trl"] >= 3,
+    goals = {"rollouts_per_s_vs_trl >= 3 (dense, rollouts trained on)": ratios["dense"]["rollouts_per_s_vs_trl"] >= 3,
+             "worker_generation_vs_trl >= 3 (dense, rollouts generated)": ratios["dense"]["worker_generation_vs_trl"] >= 3,
              "time_to_trl_final_accuracy_vs_trl_wall <= 0.5 (dense)":
                  (ratios["dense"]["time_to_trl_final_accuracy_vs_trl_wall"] or float("inf")) <= 0.5}
     return ratios, goals
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = {"trl": f"TRL GRPOTrainer ({threads} thread{'s' * (threads > 1)})",
               "dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    plot({labels[key]: value for key, value in sides.items()}, sides["trl"]["accuracy_final"],
+    plot({labels[key]: value for key, value in sides.items()}, sides["trl"]["accuracy_final"], args.smooth,
          args.results_dir / "vs_trl.png")
     runtime = time.monotonic() - started
     config = {"steps": args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
@@ -369,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
               "trl_torch_threads_tried": args.trl_threads, "learner_torch_threads": settings.learner.torch_threads,
               "command": "python bench/vs_trl.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     save_results("vs_trl", {"config": config, "definitions": DEFINITIONS,
-                            "trl_final_accuracy": sides["trl"]["accuracy_final"], "sides": sides,
+                            "trl_final_accuracy": sides["trl"]["accuracy_final"],
+                            "trl_accuracy_rose": sides["trl"]["accuracy_final"] > sides["trl"]["accuracy_first"],
+                            "sides": sides,
                             "ratios": ratios, "goals_met": goals, "profile": verdict, "total_runtime_s": runtime},
                  args.results_dir)
     print_report(sides, labels, ratios, goals, verdict, runtime, args.results_dir)
@@ -401,6 +404,9 @@ def print_report(sides: dict[str, dict[str, Any]], labels: dict[str, str],
                  "÷ TRL train wall"], learning)
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if sides["trl"]["accuracy_final"] <= sides["trl"]["accuracy_first"]:
+        print("caveat: TRL's smoothed accuracy did not rise over its run, so its 'final accuracy' is about where every "
+              "side starts and the time-to-accuracy ratio mostly measures noise")
     for line in verdict.get("where_the_time_goes", []):
         print(f"where the time goes (ours dense): {line}")
     print(f"total {runtime / 60:.1f} min; results in {results_dir / 'vs_trl.json'} and {results_dir / 'vs_trl.png'}")
