@@ -33,7 +33,7 @@ class DigitGridSpec(BaseModel):
         description="Relative weight of each question kind.",
     )
     position_tint: float = Field(
-        48.0, ge=0, le=96, description="Grey levels the page's red/blue fade across the image (0: plain grey)."
+        0.0, ge=0, le=96, description="Grey levels the page's red/blue fade across the image (0: plain grey)."
     )
 
     @model_validator(mode="after")
@@ -80,19 +80,17 @@ def render_grid(digit_images: np.ndarray, spec: DigitGridSpec) -> Image.Image:
     # A margin keeps neighbouring digits from touching.
     margin = max(1, cell // 14)
     inner = cell - 2 * margin
-    ink = np.zeros((spec.image_size, spec.image_size), dtype=np.float32)
+    page = np.full((spec.image_size, spec.image_size), 255, dtype=np.uint8)
     for position, digit in enumerate(digit_images):
         row, column = divmod(position, spec.grid_size)
-        bitmap = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8), mode="L")
+        ink = Image.fromarray((255.0 - digit * (255.0 / 16.0)).astype(np.uint8), mode="L")
         top, left = row * cell + margin, column * cell + margin
-        resized = bitmap.resize((inner, inner), Image.Resampling.BILINEAR)
-        ink[top:top + inner, left:left + inner] = np.asarray(resized, dtype=np.float32) / 255.0
+        page[top:top + inner, left:left + inner] = np.asarray(ink.resize((inner, inner), Image.Resampling.BILINEAR))
     if spec.position_tint == 0:
         # Grey PNGs are a third the size; every reader converts to RGB (services.data.loader.open_image).
-        return Image.fromarray(np.round(255.0 * (1.0 - ink)).astype(np.uint8), mode="L")
-    page = 255.0 - position_tint(spec.image_size, spec.position_tint)
-    pixels = page * (1.0 - ink[:, :, None])
-    return Image.fromarray(np.round(pixels).astype(np.uint8), mode="RGB")
+        return Image.fromarray(page, mode="L")
+    tinted = page[:, :, None] / 255.0 * (255.0 - position_tint(spec.image_size, spec.position_tint))
+    return Image.fromarray(np.round(tinted).astype(np.uint8), mode="RGB")
 
 
 def ask_question(
