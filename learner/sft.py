@@ -56,13 +56,13 @@ class TrainPart(BaseModel):
         """Split name on disk, e.g. 'train' for the full-size part, 'train-56' for 56-px images."""
         return "train" if self.image_size == 224 else f"train-{self.image_size}"
 
-    def specs(self) -> tuple[SceneSpec | None, DigitGridSpec | None]:
+    def specs(self, position_tint: float = 0.0) -> tuple[SceneSpec | None, DigitGridSpec | None]:
         """The generator spec of this part's family."""
         if self.family == "scenes":
-            return SceneSpec(image_size=self.image_size, min_objects=self.min_objects,
-                             max_objects=self.max_objects, question_mix=self.question_mix), None
+            return SceneSpec(image_size=self.image_size, min_objects=self.min_objects, max_objects=self.max_objects,
+                             question_mix=self.question_mix, position_tint=position_tint), None
         return None, DigitGridSpec(image_size=self.image_size, grid_size=self.grid_size,
-                                   question_mix=self.question_mix)
+                                   question_mix=self.question_mix, position_tint=position_tint)
 
 
 _DENSE_SCENES = {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 2.0}
@@ -111,11 +111,14 @@ class SFTConfig(BaseModel):
         0, ge=0, description="Steps on the opening (single-cell) parts alone before every part is mixed in."
     )
     eval_every: int = Field(0, ge=0, description="Print val accuracy every N steps (0: only at the end).")
+    position_tint: float = Field(
+        0.0, ge=0, le=96, description="Background position tint of every generated split (services/data/layout.py)."
+    )
 
 
-def _default_spec(family: str) -> dict:
-    """The generator parameters of a family's evaluation splits, recorded so a changed generator rebuilds them."""
-    return (SceneSpec() if family == "scenes" else DigitGridSpec()).model_dump()
+def _eval_specs(config: SFTConfig) -> tuple[SceneSpec, DigitGridSpec]:
+    """The generator parameters of the evaluation splits (recorded, so a changed generator rebuilds them)."""
+    return SceneSpec(position_tint=config.position_tint), DigitGridSpec(position_tint=config.position_tint)
 
 
 def _up_to_date(recipe_path: Path, jsonl_path: Path, recipe: dict) -> bool:
@@ -127,22 +130,23 @@ def ensure_splits(config: SFTConfig) -> tuple[list[Path], dict[str, dict[str, Pa
     """Generate each split or train part whose recipe differs; return (train JSONLs, family -> eval splits)."""
     sizes = SplitSizes(train=1, val=config.val_items, test=config.test_items)
     eval_paths: dict[str, dict[str, Path]] = {}
+    eval_scenes, eval_digits = _eval_specs(config)
     for family in TASK_FAMILIES:
         family_dir = config.data_dir / family
         eval_paths[family] = {}
         for split in ("val", "test"):
             recipe = {"family": family, "split": split, "seed": config.seed, "items": getattr(sizes, split),
-                      "spec": _default_spec(family)}
+                      "spec": (eval_scenes if family == "scenes" else eval_digits).model_dump()}
             jsonl_path = family_dir / f"{split}.jsonl"
             if not _up_to_date(family_dir / f"{split}.recipe.json", jsonl_path, recipe):
                 shutil.rmtree(family_dir / "images" / split, ignore_errors=True)
-                build_family(family, config.data_dir, config.seed, sizes, splits=(split,))
+                build_family(family, config.data_dir, config.seed, sizes, eval_scenes, eval_digits, splits=(split,))
                 (family_dir / f"{split}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
             eval_paths[family][split] = jsonl_path
     train_paths = []
     for part in config.train_parts:
         family_dir = config.data_dir / part.family
-        scene_spec, digit_spec = part.specs()
+        scene_spec, digit_spec = part.specs(config.position_tint)
         recipe = {"seed": config.seed, **part.model_dump(),
                   "spec": (scene_spec or digit_spec).model_dump()}
         jsonl_path = family_dir / f"{part.name}.jsonl"
