@@ -39,7 +39,7 @@ def tree_memory_bytes(root_pid: int) -> int:
 class MemorySampler:
     """Samples a process tree's summed PSS in a thread; `peak_bytes` is the largest sample."""
 
-    def __init__(self, root_pid: int, interval_s: float = 0.5) -> None:
+    def __init__(self, root_pid: int, interval_s: float = 1.0) -> None:
         self.root_pid = root_pid
         self.interval_s = interval_s
         self.peak_bytes = 0

@@ -65,7 +65,7 @@ DEFINITIONS = {
     "trl_final_accuracy": "TRL's smoothed training accuracy at its last step",
     "time_to_trl_final_accuracy": "training-clock time of our first step whose smoothed accuracy >= TRL's final one",
     "time_ratio": "our time to TRL's final accuracy / TRL's training wall time (goal <= 0.5)",
-    "peak_memory": "largest summed PSS of the side's process tree, sampled every 0.5 s",
+    "peak_memory": "largest summed PSS of the side's process tree, sampled every second (reading smaps costs CPU the sides share)",
     "trl_threads": f"TRL runs with the torch thread count whose {PILOT_STEPS}-step pilot had the lowest median step "
                    "time (2 threads can be much slower than 1 on this shared 2-core box)",
 }
