@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,6 @@ from services.data.loader import load_dataset
 from services.settings import Settings, load_settings
 
 SIDE_TIMEOUT_S = 20 * 60
-PILOT_STEPS = 4  # TRL steps per thread count in the pilot that picks TRL's thread count
 DEFINITIONS = {
     "training_clock": "seconds from the moment a side can generate (TRL: on_train_begin; ours: the later of the "
                       "rollout worker's 'ready' and the learner's 'learner started' log lines) to each step's end",
@@ -66,8 +64,8 @@ DEFINITIONS = {
     "time_to_trl_final_accuracy": "training-clock time of our first step whose smoothed accuracy >= TRL's final one",
     "time_ratio": "our time to TRL's final accuracy / TRL's training wall time (goal <= 0.5)",
     "peak_memory": "largest summed PSS of the side's process tree, sampled every second (reading smaps costs CPU the sides share)",
-    "trl_threads": f"TRL runs with the torch thread count whose {PILOT_STEPS}-step pilot had the lowest median step "
-                   "time (2 threads can be much slower than 1 on this shared 2-core box)",
+    "trl_threads": "TRL runs once per torch thread count (default 1 and 2); the run with the most rollouts/s is the "
+                   "reference 'trl' (2 threads can be far slower than 1 when other jobs load this 2-core box)",
 }
 
 def shared_overrides(args: argparse.Namespace) -> list[str]:
@@ -259,8 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=int, default=20, help="py-spy window on the dense run (0: off)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, G=4, 2 prompts, 4 tokens")
     parser.add_argument("--trl-threads", default="1,2",
-                        help="torch thread counts to try for TRL (comma-separated): a short pilot run of each picks "
-                             "the fastest for the measured run")
+                        help="torch thread counts to run TRL with (comma-separated); the fastest run is the reference")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders, logs and profiles here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -310,11 +307,6 @@ def snapshot_inputs(model: Path, train_jsonl: Path, items: int, work: Path) -> t
     return model_copy, snapshot
 
 
-def median_step_seconds(side: dict[str, Any]) -> float:
-    """Median step time after the first (warm-up) step."""
-    return statistics.median(step["busy_seconds"] for step in side["steps"][1:] or side["steps"])
-
-
 def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], sparse: list[str],
             train_jsonl: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Every TRL variant, then ours dense (profiled) and ours sparse; raw side records and the profile."""
@@ -329,12 +321,8 @@ def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], spar
                                        train_jsonl, items, work)
         inputs = [f"rollout.model_path={model}", f"learner.model_path={model}", f"learner.datasets=[{tasks}]"]
         spec = trl_spec(settings, tasks) | {"model_path": str(model)}
-        pilot = {threads: median_step_seconds(run_trl(spec | {"torch_threads": threads, "steps": PILOT_STEPS}, work,
-                                                      f"trl-pilot-{threads}t"))
-                 for threads in args.trl_threads} if len(args.trl_threads) > 1 else {}
-        threads = min(pilot, key=pilot.get) if pilot else args.trl_threads[0]
-        raw = {"trl": run_trl(spec | {"torch_threads": threads}, work, "trl")}
-        raw["trl"]["extra"]["thread_pilot_median_step_s"] = pilot
+        raw = {f"trl-{threads}t": run_trl(spec | {"torch_threads": threads}, work, f"trl-{threads}t")
+               for threads in args.trl_threads}
         raw["dense"] = run_ours("dense", [*dense, *inputs], work, args.profile_seconds)
         raw["sparse"] = run_ours("sparse", [*sparse, *inputs], work, 0)
         verdict = profile_verdict(work / "dense", args.profile_seconds) if args.profile_seconds else {}
@@ -353,11 +341,13 @@ def main(argv: list[str] | None = None) -> None:
     sparse_budgets = [b.label for b in load_settings(DEFAULT_CONFIGS, sparse).sparsity.budgets]
     raw, verdict = run_all(args, settings, dense, sparse, train_jsonl)
     sides = {key: side_summary(side, args.smooth) for key, side in raw.items()}
+    fastest = max((key for key in sides if key.startswith("trl-")), key=lambda key: sides[key]["rollouts_per_s"])
+    sides = {"trl": sides[fastest], **{key: value for key, value in sides.items() if key != fastest}}
     ratios, goals = compare(sides, args.smooth)
     verdict["where_the_time_goes"] = where_time_goes(sides["dense"], verdict)
-    threads = sides["trl"]["torch_threads"]
-    labels = {"trl": f"TRL GRPOTrainer ({threads} thread{'s' * (threads > 1)})",
-              "dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
+    labels = {key: f"TRL GRPOTrainer ({side['torch_threads']} thread{'s' * (side['torch_threads'] > 1)})"
+                   + ("" if key == "trl" else ", slower") for key, side in sides.items() if key.startswith("trl")}
+    labels |= {"dense": "ours dense (r=1)", "sparse": "ours Sparsity Forcing"}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot({labels[key]: value for key, value in sides.items()}, sides["trl"]["accuracy_final"], args.smooth,
          args.results_dir / "vs_trl.png")
