@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import print_table, save_results
+from common import RESULTS_DIR, print_table, save_results
 from PIL import Image
 from tqdm import tqdm
 
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     no_scoring = dict.fromkeys(score_s, 0.0)
     rows = {name: _row(args, timings[name], outputs, name, no_scoring if ratio is None else score_s, block_size,
                        image_token_id) for name, ratio in conditions}
-    return {"config": {**vars(args), "model": str(args.model), "block_size": block_size,
-                       "image_side": IMAGE_SIDE, "timing": "min over repeats"},
+    return {"config": {**vars(args), "model": str(args.model), "results_dir": str(args.results_dir),
+                       "block_size": block_size, "image_side": IMAGE_SIDE, "timing": "min over repeats"},
             "results": rows, "vs_dense": _ratios(rows)}
 
 
@@ -205,7 +205,11 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=8, help="LLM layers of the --llm-hidden-size model.")
     parser.add_argument("--output", default="pruning", help="Result name: bench/results/<output>.json.")
     parser.add_argument("--kv-cache-gb", default="1", help="VLLM_CPU_KVCACHE_SPACE for the CPU backend.")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 requests, few tokens, one repeat")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where <output>.json goes")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.decode_tokens, args.e2e_tokens, args.repeats = 4, 8, 4, 1
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gb)
     if args.model is None and args.llm_hidden_size:
         # The tiny model's vision tower costs more than its 4-layer LLM, unlike real Qwen2.5-VL sizes,
@@ -234,7 +238,7 @@ def main() -> None:
                       ratio["requests_per_s_speedup_reused_features_group"], ratio["kv_tokens_saving"],
                       ratio["kv_blocks_saving"], ratio["visual_kv_saving"]])
     print_table(f"Pruning vs dense ({args.requests} requests, {IMAGE_SIDE}px images)", columns, table)
-    print(f"wrote {save_results(args.output, payload)}")
+    print(f"wrote {save_results(args.output, payload, args.results_dir)}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))  # before bench/: this script's name would shadow the reward_server package
 
-from common import print_table, save_results
+from common import RESULTS_DIR, print_table, save_results
 from support import free_port, wait_for_port
 
 from reward_server.client import RewardClient
@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 s per case instead of 5 s")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (connections)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where reward_server.json goes")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 5.0
     port, token = free_port(), secrets.token_urlsafe(24)
@@ -256,7 +257,7 @@ def main() -> None:
         "rows": rows,
         "goal": goal,
     }
-    print(f"wrote {save_results('reward_server', payload)}")
+    print(f"wrote {save_results('reward_server', payload, args.results_dir)}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,25 @@ def test_vs_trl_bench_quick_mode_writes_results(tmp_path: Path) -> None:
         assert len(side["curve"]) == 2
     assert written["ratios"]["dense"]["rollouts_per_s_vs_trl"] > 0
     assert (tmp_path / "vs_trl.png").stat().st_size > 0 and "goal rollouts_per_s_vs_trl" in result.stdout
+
+
+def test_reward_server_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/reward_server.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads((tmp_path / "reward_server.json").read_text())
+    assert [(row["via"], row["batch"]) for row in written["rows"]][:3] == [("httpx", 1), ("httpx", 64), ("httpx", 512)]
+    assert all(row["items_per_s"] > 0 for row in written["rows"])
+
+
+def test_pruning_bench_quick_mode_writes_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/pruning.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads((tmp_path / "pruning.json").read_text())
+    assert list(written["results"]) == ["dense", "r=0.5", "r=0.25", "r=0.125"]
+    assert written["vs_dense"]["r=0.25"]["visual_kv_saving"] == 4.0
