@@ -18,6 +18,7 @@ def test_report_has_every_step_and_a_plot(tmp_path: Path) -> None:
     assert "| 3 | 0.300 | 0.500 | 0.750 |" in text and "- steps: 3" in text and "Base against trained" in text
     with Image.open(tmp_path / "training_curves.png") as image:
         assert image.size[0] > 600
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"steps": 3}  # what bench/vs_trl.py reads
 
 
 def test_a_run_without_steps_says_so(tmp_path: Path) -> None:
