@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from services.data.layout import Layout
-
-PIXELS_PER_TOKEN = 28
-IGNORE = -100
+from services.modeling.batching import IGNORE_INDEX
+from services.modeling.tiny import PIXELS_PER_VISUAL_TOKEN_SIDE as PIXELS_PER_TOKEN
 
 
 def answer_token_mask(layout: Layout, token_rows: int, token_columns: int) -> torch.Tensor:
@@ -34,7 +33,7 @@ def attention_mass_loss(attention: torch.Tensor, input_ids: torch.Tensor, labels
                         image_token_id: int, answer_masks: Sequence[torch.Tensor], heads: int) -> torch.Tensor | None:
     """Mean over rows and the first `heads` heads of -log(attention mass on the answer's visual tokens).
 
-    attention: (B, H, L, L) softmax weights of one layer; input_ids, labels: (B, L) with IGNORE before the
+    attention: (B, H, L, L) softmax weights of one layer; input_ids, labels: (B, L) with IGNORE_INDEX before the
     answer; answer_masks[b]: (visual tokens of row b,). The query is the position that predicts the first
     answer token. Rows whose answer reads no cell (e.g. a count of zero) are skipped; None if all are.
     """
@@ -42,7 +41,7 @@ def attention_mass_loss(attention: torch.Tensor, input_ids: torch.Tensor, labels
     for row, mask in enumerate(answer_masks):
         if not mask.any():
             continue
-        query = int((labels[row] != IGNORE).nonzero()[0]) - 1
+        query = int((labels[row] != IGNORE_INDEX).nonzero()[0]) - 1
         visual_positions = (input_ids[row] == image_token_id).nonzero().squeeze(-1)
         mass = attention[row, :heads, query, visual_positions[mask]].sum(dim=-1)
         losses.append(-torch.log(mass.clamp_min(1e-6)).mean())

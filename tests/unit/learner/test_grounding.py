@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from learner.grounding import IGNORE, answer_token_mask, attention_mass_loss
+from learner.grounding import answer_token_mask, attention_mass_loss
 from services.data.layout import Layout
+from services.modeling.batching import IGNORE_INDEX
 
 
 def test_answer_mask_covers_the_answer_cells_only() -> None:
@@ -17,7 +18,7 @@ def test_answer_mask_covers_the_answer_cells_only() -> None:
 def test_attention_mass_loss_is_low_only_when_the_answer_query_looks_at_the_answer_tokens() -> None:
     image_token = 9
     input_ids = torch.tensor([[1, 9, 9, 9, 9, 2, 3, 4]])
-    labels = torch.full_like(input_ids, IGNORE)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[0, 6:] = input_ids[0, 6:]  # the answer starts at 6, so position 5 predicts it
     mask = torch.tensor([False, False, True, False])  # the third visual token, at position 3
 
