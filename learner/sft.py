@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from learner.grounding import answer_token_mask, attention_mass_loss
+from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
@@ -47,6 +47,7 @@ class TrainPart(BaseModel):
     items: int = Field(ge=1, description="Items in this part.")
     question_mix: dict[str, float] = Field(description="Relative weight of each question kind.")
     grid_size: int = Field(2, ge=1, description="Digit grid side (digits only).")
+    cell_pixels: int = Field(112, ge=28, description="Side of one object's placement cell (scenes only).")
     min_objects: int = Field(2, ge=1, description="Fewest shapes (scenes only).")
     max_objects: int = Field(3, ge=1, description="Most shapes (scenes only).")
     opening: bool = Field(False, description="Trained on alone for the recipe's first opening_steps steps.")
@@ -59,8 +60,9 @@ class TrainPart(BaseModel):
     def specs(self, position_tint: float = 0.0) -> tuple[SceneSpec | None, DigitGridSpec | None]:
         """The generator spec of this part's family."""
         if self.family == "scenes":
-            return SceneSpec(image_size=self.image_size, min_objects=self.min_objects, max_objects=self.max_objects,
-                             question_mix=self.question_mix, position_tint=position_tint), None
+            return SceneSpec(image_size=self.image_size, cell_pixels=self.cell_pixels, min_objects=self.min_objects,
+                             max_objects=self.max_objects, question_mix=self.question_mix,
+                             position_tint=position_tint), None
         return None, DigitGridSpec(image_size=self.image_size, grid_size=self.grid_size,
                                    question_mix=self.question_mix, position_tint=position_tint)
 
@@ -114,6 +116,10 @@ class SFTConfig(BaseModel):
     position_tint: float = Field(
         0.0, ge=0, le=96, description="Background position tint of every generated split (services/data/layout.py)."
     )
+    probe_weight: float = Field(
+        0.0, ge=0, description="Weight of the per-visual-token content loss (a linear head, not saved); 0: off."
+    )
+    rope_theta: float = Field(10.0, gt=1.0, description="Text M-RoPE base of the built model (TinyModelSpec).")
 
 
 def _eval_specs(config: SFTConfig) -> tuple[SceneSpec, DigitGridSpec]:
@@ -190,7 +196,8 @@ def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layou
           config: SFTConfig, eval_items: dict[str, Sequence[DatasetItem]] | None = None,
           opening_pool: Sequence[int] = ()) -> list[float]:
     """Teacher-forced SFT on the answer tokens plus the grounding loss; returns each step's answer loss."""
-    parameters = list(model.parameters())
+    probe = VisualTokenProbe(model) if config.probe_weight > 0 else None
+    parameters = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     batches = batch_indices(len(items), opening_pool, config)
@@ -211,6 +218,8 @@ def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layou
         output = model(**batch, output_attentions=grounded and config.attention_weight > 0)
         loss = output.loss
         grounding = grounding_loss(model, batch, output, batch_layouts, config) if grounded else torch.zeros(())
+        if probe and grounded:
+            grounding = grounding + config.probe_weight * probe.loss(batch_layouts, batch["image_grid_thw"])
         total = loss + grounding
         total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -229,6 +238,8 @@ def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layou
                 f"{family} {score['accuracy']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in score['by_kind'].items())})"
                 for family, score in scores.items()))
             model.train()
+    if probe:
+        probe.detach()
     model.eval()
     return losses
 
@@ -322,7 +333,7 @@ def run(config: SFTConfig) -> dict:
     data_s = time.perf_counter() - started
     staging = config.out.with_name(config.out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
-    build_tiny_model(staging, TinyModelSpec(seed=config.seed), corpus=corpus)
+    build_tiny_model(staging, TinyModelSpec(seed=config.seed, rope_theta=config.rope_theta), corpus=corpus)
     model, processor = load_model_and_processor(staging)
     if config.attention_weight > 0:
         # The answer-attention loss reads softmax weights, which only eager attention returns.

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
-from learner.grounding import answer_token_mask, attention_mass_loss
-from services.data.layout import Layout
-from services.modeling.batching import IGNORE_INDEX
+from learner.grounding import (
+    CONTENT_CLASSES,
+    VisualTokenProbe,
+    answer_token_mask,
+    attention_mass_loss,
+    token_content_labels,
+)
+from services.data import load_dataset, open_image
+from services.data.layout import CellContent, Layout, load_layouts
+from services.modeling import load_model_and_processor
+from services.modeling.batching import IGNORE_INDEX, training_inputs
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_answer_mask_covers_the_answer_cells_only() -> None:
@@ -37,3 +50,41 @@ def test_attention_mass_loss_is_low_only_when_the_answer_query_looks_at_the_answ
     assert high.item() > 10
     assert attention_mass_loss(attention_with(on_target), input_ids, labels, image_token,
                                [torch.zeros(4, dtype=torch.bool)], heads=2) is None
+
+
+def test_content_labels_name_each_tokens_cell_and_leave_the_rest_empty() -> None:
+    one_token_cells = Layout(id="s", cells_per_side=8, cell_pixels=28,
+                             cells=[CellContent(row=1, column=2, colour="red", shape="circle")])
+    labels = token_content_labels(one_token_cells, 8, 8).view(8, 8)
+    assert labels[1, 2] == CONTENT_CLASSES.index("red circle")
+    assert (labels == CONTENT_CLASSES.index("empty")).sum() == 63
+    digit_cells = Layout(id="d", cells_per_side=2, cell_pixels=112,
+                         cells=[CellContent(row=r, column=c, digit=2 * r + c) for r in range(2) for c in range(2)])
+    labels = token_content_labels(digit_cells, 8, 8).view(8, 8)
+    assert labels[:4, 4:].eq(CONTENT_CLASSES.index("1")).all() and labels[4:, :4].eq(CONTENT_CLASSES.index("2")).all()
+
+
+@pytest.mark.parametrize("family", ["scenes", "digits"])
+def test_probe_reads_the_models_visual_tokens_and_learns_them(family: str) -> None:
+    torch.manual_seed(0)
+    model, processor = load_model_and_processor(REPO / "assets" / "tiny-qwen25vl")
+    split = REPO / "assets" / "tasks" / family / "val.jsonl"
+    items, layouts = load_dataset(split)[:4], load_layouts(split)
+    batch = training_inputs(processor, [it.task.question for it in items], [open_image(it.image_path) for it in items],
+                            [it.task.answer for it in items])
+    probe = VisualTokenProbe(model)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01)  # visual tokens have norms near 100
+    losses = []
+    for _ in range(30):
+        with torch.no_grad():
+            model(**batch)
+        loss = probe.loss([layouts[it.task.id] for it in items], batch["image_grid_thw"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    probe.detach()
+    assert losses[-1] < 0.5 * losses[0]
+    model(**batch)
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        probe.loss([layouts[it.task.id] for it in items], batch["image_grid_thw"])
