@@ -7,10 +7,23 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quick_bench(script: str, results_dir: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Run a bench script (path from the repo root) with --quick into results_dir; fail with its output if it fails."""
+    result = subprocess.run(
+        [sys.executable, script, "--quick", "--results-dir", str(results_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def free_port() -> int:

@@ -1,19 +1,13 @@
 """Benchmarks run end to end in their quick modes and write their JSON (keeps the scripts from rotting)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from support import run_quick_bench
 
 
 def test_queue_bench_quick_mode_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/queue_throughput.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_quick_bench("bench/queue_throughput.py", tmp_path, timeout=300)
     written = json.loads((tmp_path / "queue_throughput.json").read_text())
     assert [row["batch"] for row in written["queue"]] == [1, 16, 128]
     assert all(row["entries_per_s"] > 0 for row in written["queue"])
@@ -21,11 +15,7 @@ def test_queue_bench_quick_mode_writes_results(tmp_path: Path) -> None:
 
 
 def test_rollout_worker_bench_quick_mode_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/rollout_worker.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_quick_bench("bench/rollout_worker.py", tmp_path, timeout=600)
     written = json.loads((tmp_path / "rollout_worker.json").read_text())
     assert [row["budget_set"] for row in written["rows"]] == ["dense (all 1.0)", "mixed {1, .5, .25, .125}"]
     for row in written["rows"]:
@@ -34,11 +24,7 @@ def test_rollout_worker_bench_quick_mode_writes_results(tmp_path: Path) -> None:
 
 
 def test_vs_trl_bench_quick_mode_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/vs_trl.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_quick_bench("bench/vs_trl.py", tmp_path, timeout=900)
     written = json.loads((tmp_path / "vs_trl.json").read_text())
     assert set(written["sides"]) == {"trl", "dense", "sparse"}
     for side in written["sides"].values():
@@ -49,22 +35,14 @@ def test_vs_trl_bench_quick_mode_writes_results(tmp_path: Path) -> None:
 
 
 def test_reward_server_bench_quick_mode_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/reward_server.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_quick_bench("bench/reward_server.py", tmp_path, timeout=300)
     written = json.loads((tmp_path / "reward_server.json").read_text())
     assert [(row["via"], row["batch"]) for row in written["rows"]][:3] == [("httpx", 1), ("httpx", 64), ("httpx", 512)]
     assert all(row["items_per_s"] > 0 for row in written["rows"])
 
 
 def test_pruning_bench_quick_mode_writes_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/pruning.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_quick_bench("bench/pruning.py", tmp_path, timeout=600)
     written = json.loads((tmp_path / "pruning.json").read_text())
     assert list(written["results"]) == ["dense", "r=0.5", "r=0.25", "r=0.125"]
     assert written["vs_dense"]["r=0.25"]["visual_kv_saving"] == 4.0

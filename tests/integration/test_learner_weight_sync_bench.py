@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from support import run_quick_bench
 
 
 def test_weight_sync_bench_quick_mode_measures_every_phase(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "bench/weight_sync.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_quick_bench("bench/weight_sync.py", tmp_path, timeout=300)
     result = json.loads((tmp_path / "weight_sync.json").read_text())
     assert result["rows"][0]["case"] == "tiny model"
     for row in result["rows"]:
