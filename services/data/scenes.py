@@ -47,7 +47,7 @@ class SceneSpec(BaseModel):
         0.0, ge=0, le=64, description="Std of the background's pixel noise (0 keeps the PNGs small)."
     )
     position_tint: float = Field(
-        0.0, ge=0, le=96, description="Grey levels the background's red/blue fade across the canvas (0: flat)."
+        48.0, ge=0, le=96, description="Grey levels the background's red/blue fade across the canvas (0: flat)."
     )
 
     @model_validator(mode="after")

@@ -163,7 +163,7 @@ def test_position_tint_makes_every_patch_of_the_background_distinct() -> None:
     patch_means = {tuple(image[r:r + 28, c:c + 28].reshape(-1, 3).mean(axis=0).round())
                    for r in range(0, 224, 28) for c in range(0, 224, 28)}
     assert len(patch_means) == 64
-    flat = np.asarray(render_scene(np.random.default_rng(0), [], SceneSpec()))
+    flat = np.asarray(render_scene(np.random.default_rng(0), [], SceneSpec(position_tint=0)))
     assert (flat == 235).all()
     tinted_digits = np.asarray(render_grid(digit_pool("val")[0][:4], DigitGridSpec(position_tint=48)))
     assert tinted_digits.shape == (224, 224, 3) and tinted_digits[0, -1, 0] < tinted_digits[0, 0, 0]
