@@ -28,12 +28,21 @@ from services.modeling.batching import IGNORE_INDEX
 from services.modeling.tiny import PIXELS_PER_VISUAL_TOKEN_SIDE as PIXELS_PER_TOKEN
 
 
+def token_grids(image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, columns) of merged visual tokens of each image, from the processor's patch grid (2x2 merge)."""
+    return [(int(h) // 2, int(w) // 2) for _t, h, w in image_grid_thw.tolist()]
+
+
+def token_cells(layout: Layout, token_rows: int, token_columns: int) -> list[tuple[int, int]]:
+    """The layout cell (row, column) under each visual token, in the tokens' raster order."""
+    return [(token_row * PIXELS_PER_TOKEN // layout.cell_pixels, token_column * PIXELS_PER_TOKEN // layout.cell_pixels)
+            for token_row in range(token_rows) for token_column in range(token_columns)]
+
+
 def answer_token_mask(layout: Layout, token_rows: int, token_columns: int) -> torch.Tensor:
     """(token_rows * token_columns,) True for the visual tokens inside the cells the answer is read from."""
     answer_cells = {tuple(cell) for cell in layout.answer_cells}
-    return torch.tensor([(token_row * PIXELS_PER_TOKEN // layout.cell_pixels,
-                          token_column * PIXELS_PER_TOKEN // layout.cell_pixels) in answer_cells
-                         for token_row in range(token_rows) for token_column in range(token_columns)])
+    return torch.tensor([cell in answer_cells for cell in token_cells(layout, token_rows, token_columns)])
 
 
 CONTENT_CLASSES: tuple[str, ...] = (
@@ -45,12 +54,8 @@ def token_content_labels(layout: Layout, token_rows: int, token_columns: int) ->
     """(token_rows * token_columns,) index into CONTENT_CLASSES of what the cell under each visual token holds."""
     by_cell = {(cell.row, cell.column): str(cell.digit) if cell.digit is not None else f"{cell.colour} {cell.shape}"
                for cell in layout.cells}
-    return torch.tensor([
-        CONTENT_CLASSES.index(by_cell.get(
-            (token_row * PIXELS_PER_TOKEN // layout.cell_pixels, token_column * PIXELS_PER_TOKEN // layout.cell_pixels),
-            "empty"))
-        for token_row in range(token_rows) for token_column in range(token_columns)
-    ])
+    return torch.tensor([CONTENT_CLASSES.index(by_cell.get(cell, "empty"))
+                         for cell in token_cells(layout, token_rows, token_columns)])
 
 
 class VisualTokenProbe(torch.nn.Module):
@@ -69,8 +74,8 @@ class VisualTokenProbe(torch.nn.Module):
         """Cross-entropy of the head over the visual tokens of the model's last forward (one layout per image)."""
         if self._tokens is None:
             raise RuntimeError("the probe has seen no forward pass of the model's vision tower")
-        grids = [(int(h) // 2, int(w) // 2) for _t, h, w in image_grid_thw.tolist()]
-        labels = torch.cat([token_content_labels(layout, *grid) for layout, grid in zip(layouts, grids, strict=True)])
+        labels = torch.cat([token_content_labels(layout, *grid)
+                            for layout, grid in zip(layouts, token_grids(image_grid_thw), strict=True)])
         tokens, self._tokens = self._tokens, None
         return torch.nn.functional.cross_entropy(self.head(tokens), labels)
 

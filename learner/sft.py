@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss
+from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
@@ -250,8 +250,8 @@ def grounding_loss(model, batch: dict, output, layouts: Sequence[Layout], config
     """The weighted answer-attention loss of one batch (learner/grounding.py); 0 when nothing is grounded."""
     if config.attention_weight == 0:
         return torch.zeros(())
-    grids = [(int(h) // 2, int(w) // 2) for _t, h, w in batch["image_grid_thw"].tolist()]
-    masks = [answer_token_mask(layout, *grid) for layout, grid in zip(layouts, grids, strict=True)]
+    masks = [answer_token_mask(layout, *grid)
+             for layout, grid in zip(layouts, token_grids(batch["image_grid_thw"]), strict=True)]
     attention = attention_mass_loss(output.attentions[config.attention_layer], batch["input_ids"],
                                     batch["labels"], model.config.image_token_id, masks, config.attention_heads)
     return torch.zeros(()) if attention is None else config.attention_weight * attention
