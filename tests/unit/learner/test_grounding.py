@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_model import BUNDLED_TASKS, base_model_folder  # noqa: F401
 
 from learner.grounding import (
     CONTENT_CLASSES,
@@ -18,8 +19,6 @@ from services.data import load_dataset, open_image
 from services.data.layout import CellContent, Layout, load_layouts
 from services.modeling import load_model_and_processor
 from services.modeling.batching import IGNORE_INDEX, training_inputs
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def test_answer_mask_covers_the_answer_cells_only() -> None:
@@ -65,10 +64,10 @@ def test_content_labels_name_each_tokens_cell_and_leave_the_rest_empty() -> None
 
 
 @pytest.mark.parametrize("family", ["scenes", "digits"])
-def test_probe_reads_the_models_visual_tokens_and_learns_them(family: str) -> None:
+def test_probe_reads_the_models_visual_tokens_and_learns_them(family: str, base_model_folder: Path) -> None:  # noqa: F811
     torch.manual_seed(0)
-    model, processor = load_model_and_processor(REPO / "assets" / "tiny-qwen25vl")
-    split = REPO / "assets" / "tasks" / family / "val.jsonl"
+    model, processor = load_model_and_processor(base_model_folder)
+    split = BUNDLED_TASKS / family / "val.jsonl"
     items, layouts = load_dataset(split)[:4], load_layouts(split)
     batch = training_inputs(processor, [it.task.question for it in items], [open_image(it.image_path) for it in items],
                             [it.task.answer for it in items])
