@@ -173,6 +173,31 @@ def aggregate(
     raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
 
 
+# ---- the kept-set term (sparsity forcing through the selection)
+def kept_mass_loss(scores: Tensor, kept_masks: Tensor, advantages: Tensor) -> tuple[Tensor, Tensor]:
+    """-mean_i max(A_i, 0) * log(share of the scores on rollout i's kept set), and the mean kept share.
+
+    scores: (N,) non-negative visual-token scores of one prompt, with grad (the scorer run on the current
+    policy); kept_masks: (G, N) bool, each rollout's kept tokens; advantages: (G,).
+    The keep set is chosen by a non-differentiable top-k / top-mass rule, so the policy loss alone never
+    teaches the scorer's attention to concentrate. This term treats the keep set as part of the action:
+    raising the mass of an above-average rollout's kept set makes the same tau keep fewer tokens next time.
+    Only positive advantages count: a group's keep sets are nested (one ranking, several budgets), and
+    pushing mass out of a below-average rollout's larger set would push it into the least important tokens.
+    """
+    if scores.dim() != 1 or kept_masks.dim() != 2 or kept_masks.shape[1] != scores.shape[0]:
+        raise ValueError(f"shape mismatch: scores {tuple(scores.shape)}, kept_masks {tuple(kept_masks.shape)}")
+    if advantages.shape != kept_masks.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} do not match kept_masks {tuple(kept_masks.shape)}")
+    if not bool(kept_masks.any(dim=1).all()):
+        raise ValueError("every rollout must keep at least one visual token")
+    shares = scores.float() / scores.float().sum().clamp(min=torch.finfo(torch.float32).tiny)
+    kept_share = (shares[None, :] * kept_masks.float()).sum(dim=1)
+    weights = advantages.detach().float().clamp(min=0.0)
+    loss = -(weights * torch.log(kept_share.clamp(min=torch.finfo(torch.float32).tiny))).mean()
+    return loss, kept_share.detach().mean()
+
+
 # ---- the loss
 @dataclass(frozen=True)
 class LossConfig:

@@ -3,6 +3,8 @@ take the loss from `learner.algorithms`, accumulate gradients over micro-batches
 
 Log-probs come from `pruned_completion_logprobs` on exactly the prompt ids, completion ids and kept visual
 indices the worker recorded, so the trainer sees the sequence the rollout engine saw (DESIGN.md).
+With `kept_mass_weight > 0` each group also adds `kept_mass_loss`: the workers' scorer is rerun with autograd
+on the group's unpruned prompt, and the share of its scores on each above-average rollout's keep set is raised.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learner.algorithms import LossConfig, StdKind, grpo_loss
+from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss
 from learner.batching import micro_batch_scale, micro_batches, pad_rows, rollout_input_ids, step_advantages
-from services.modeling.pruned_forward import pruned_completion_logprobs
+from services.modeling.pruned_forward import (
+    expand_placeholders,
+    image_features,
+    image_token_id,
+    pruned_completion_logprobs,
+    visual_tokens_per_image,
+)
 from services.schemas import Rollout, TrajectoryGroup
+from services.sparsity.budgets import keep_mask
+from services.sparsity.scorers import ScorerInputs, VisualTokenScorer
 
 PixelInputs = tuple[Tensor, Tensor]  # pixel_values (patches, C*T*P*P), image_grid_thw (1, 3)
 
+_LOSS_PARTS = ("loss", "policy_loss", "kl_penalty")  # step sums of LossResult fields (loss excludes kept mass)
 # Token-weighted means: each micro-batch contributes in proportion to its valid tokens.
 _TOKEN_MEANS = ("kl_mean", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
                 "logprob_diff_mean", "is_ratio_mean", "is_truncated_frac")
@@ -38,6 +49,14 @@ class StepConfig:
     adv_eps: float = 1e-4
     drop_zero_variance: bool = False
     old_logprobs: str = "recompute"  # "recompute": ratio vs the trainer's own log-probs (+TIS); "rollout"
+    kept_mass_weight: float = 0.0  # weight of learner.algorithms.kept_mass_loss; needs `scorer`
+    scorer: VisualTokenScorer | None = None  # the workers' scorer, run with autograd for the kept-mass term
+
+    def __post_init__(self) -> None:
+        if self.kept_mass_weight < 0:
+            raise ValueError(f"kept_mass_weight must be >= 0, got {self.kept_mass_weight}")
+        if self.kept_mass_weight > 0 and self.scorer is None:
+            raise ValueError("kept_mass_weight > 0 needs the scorer the rollout workers use")
 
 
 class PixelCache:
@@ -70,6 +89,25 @@ def rollout_logprobs(model: torch.nn.Module, rollout: Rollout, pixels: PixelInpu
     return pruned_completion_logprobs(
         model, input_ids.to(device), pixels[0], pixels[1], rollout.kept_indices, completion_length
     )
+
+
+def group_kept_mass_loss(
+    policy: torch.nn.Module, scorer: VisualTokenScorer, group: TrajectoryGroup, pixels: PixelInputs,
+    advantages: Tensor, keep: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """kept_mass_loss of one group's admitted rollouts, scored on the unpruned prompt by the current policy."""
+    rollouts = [rollout for rollout, admitted in zip(group.rollouts, keep.tolist(), strict=True) if admitted]
+    total = sum(visual_tokens_per_image(policy, pixels[1]))
+    prompt = torch.tensor([rollouts[0].prompt_token_ids], dtype=torch.long, device=pixels[0].device)
+    with torch.no_grad():
+        # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones
+        # the policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
+        features = image_features(policy, pixels[0], pixels[1])
+    ids = expand_placeholders(prompt, image_token_id(policy), total)
+    inputs = ScorerInputs(ids, pixels[0], pixels[1], image_embeds=features)
+    scores = scorer.differentiable_score(policy, inputs)
+    masks = torch.stack([keep_mask(rollout.kept_indices, total) for rollout in rollouts]).to(scores.device)
+    return kept_mass_loss(scores, masks, advantages[keep].to(scores.device))
 
 
 def _micro_batch_loss(
@@ -140,7 +178,9 @@ def grpo_step(
     flat = [rollout for group in groups for rollout in group.rollouts]
     total_tokens = float(sum(len(flat[i].completion_token_ids) for i in kept_rows))
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "kl_penalty": 0.0}
+    sums: dict[str, float] = dict.fromkeys(_LOSS_PARTS, 0.0)
+    if config.kept_mass_weight > 0:
+        sums.update(kept_mass_loss=0.0, kept_share=0.0)
     means: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)
     maxima: dict[str, float] = dict.fromkeys(("logprob_diff_max", "is_ratio_max"), float("-inf"))
     present: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)  # which optional diagnostics the loss gave
@@ -161,8 +201,20 @@ def grpo_step(
             policy, reference, rows, advantages[row_ids], config, group_size=group_size, total_tokens=total_tokens
         )
         scale = micro_batch_scale(config.loss.normalization, len(rows), total_rows, len(chunk), len(kept_groups))
-        (result.loss * scale).backward()
-        for name in sums:
+        loss = result.loss * scale
+        if config.kept_mass_weight > 0 and config.scorer is not None:
+            for g in chunk_groups:
+                span = slice(offsets[g], offsets[g + 1])
+                if not bool((advantages[span][keep[span]] > 0).any()):
+                    continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
+                mass_loss, kept_share = group_kept_mass_loss(
+                    policy, config.scorer, groups[g], pixels.get(groups[g]), advantages[span], keep[span]
+                )
+                loss = loss + config.kept_mass_weight * mass_loss / len(kept_groups)
+                sums["kept_mass_loss"] += float(mass_loss.detach()) / len(kept_groups)
+                sums["kept_share"] += float(kept_share) / len(kept_groups)
+        loss.backward()
+        for name in _LOSS_PARTS:
             sums[name] += float(getattr(result, name).detach()) * scale
         for name in _TOKEN_MEANS:
             value = getattr(result, name)

@@ -46,6 +46,7 @@ from services.modeling.pruned_forward import visual_tokens_per_image
 from services.queues import Entry, StreamQueue, connect_redis
 from services.schemas import DecodeError, TrajectoryGroup, decode
 from services.settings.models import Settings
+from services.sparsity.scorers import build_scorer
 from services.telemetry import Telemetry
 from services.weights import latest_weight_version
 
@@ -75,6 +76,8 @@ def step_config(settings: Settings) -> StepConfig:
     return StepConfig(
         loss=loss, micro_batch_groups=cfg.micro_batch_groups, grad_clip=cfg.grad_clip, adv_std=cfg.adv_std,
         adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance, old_logprobs=cfg.old_logprobs,
+        kept_mass_weight=cfg.kept_mass_weight,
+        scorer=build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer),
     )
 
 
@@ -370,8 +373,9 @@ class Trainer:
         learner = self.telemetry.learner
         learner.steps.inc()
         learner.step_seconds.observe(float(record["step_seconds"]))
-        for part in ("loss", "policy_loss", "kl_penalty"):
-            learner.loss.labels(part).set(float(record[part]))
+        for part in ("loss", "policy_loss", "kl_penalty", "kept_mass_loss"):
+            if part in record:
+                learner.loss.labels(part).set(float(record[part]))
         learner.kl.set(float(record.get("kl_mean", 0.0)))
         learner.clip_fraction.set(float(record["clip_fraction"]))
         learner.grad_norm.set(float(record["grad_norm"]))

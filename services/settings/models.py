@@ -174,6 +174,11 @@ class LearnerSettings(StrictModel):
     adv_eps: float = Field(1e-4, gt=0, description="Epsilon added to the group reward std.")
     drop_zero_variance: bool = Field(False, description="Skip the rows of groups whose rewards are all equal.")
     max_staleness: int = Field(4, ge=0, description="Drop groups made more than this many versions ago.")
+    kept_mass_weight: float = Field(
+        1.0, ge=0,
+        description="Weight of the kept-set term (learner.algorithms.kept_mass_loss): teaches the scorer's attention "
+        "to concentrate on the keep sets of above-average rollouts, so a fixed tau keeps fewer tokens; 0: off.",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a new weight version every k steps.")
     keep_weight_versions: int = Field(3, ge=1, description="Published version folders kept on disk.")
     checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every k steps (and at the end).")

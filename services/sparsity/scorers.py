@@ -53,6 +53,10 @@ class VisualTokenScorer(Protocol):
         """Importance of each visual token, in image order. Returns (N,) float32."""
         ...
 
+    def differentiable_score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
+        """``score`` with autograd on, for training the scorer's own layers."""
+        ...
+
 
 def text_to_visual_attention(
     query_states: torch.Tensor,
@@ -112,6 +116,10 @@ class TextAttentionScorer:
     @torch.no_grad()
     def score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
         """Importance of each visual token. Returns (N,) float32, summing to at most 1."""
+        return self.differentiable_score(model, inputs)
+
+    def differentiable_score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
+        """``score`` with autograd on: the learner's kept-mass term trains layers <= K through it."""
         sequence = embed_full_sequence(
             model, inputs.input_ids, inputs.pixel_values, inputs.image_grid_thw,
             image_embeds=inputs.visual_features(model),
@@ -145,6 +153,10 @@ class FeatureNormScorer:
     @torch.no_grad()
     def score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
         """Importance of each visual token. Returns (N,) float32."""
+        return self.differentiable_score(model, inputs)
+
+    def differentiable_score(self, model: torch.nn.Module, inputs: ScorerInputs) -> torch.Tensor:
+        """``score`` with autograd on (trains the vision tower and merger)."""
         norms = inputs.visual_features(model).float().norm(dim=-1)
         expected = sum(visual_tokens_per_image(model, inputs.image_grid_thw))
         if norms.numel() != expected:

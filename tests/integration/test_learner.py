@@ -82,6 +82,7 @@ def test_learner_steps_publish_weights_that_a_worker_loads(tmp_path: Path, redis
         for part in ("loss", "policy_loss", "kl_penalty", "grad_norm", "kl_mean", "step_seconds"):
             assert math.isfinite(record[part]), (part, record[part])
         assert record["rows"] == 8 and record["skipped_nonfinite"] == 0.0
+        assert math.isfinite(record["kept_mass_loss"]) and 0.0 < record["kept_share"] <= 1.0  # on by default
         assert set(record["accuracy_by_budget"]) == {"r=1", "r=0.5", "r=0.25", "r=0.125"}
     assert records[0]["grad_norm"] > 0 and records[-1]["kl_mean"] > 0  # the policy moved off the reference
 
@@ -254,7 +255,7 @@ def test_the_entrypoint_trains_then_resumes_from_its_checkpoint(tmp_path: Path, 
     {"old_logprobs": "rollout", "dual_clip_c": 3.0, "tis_cap": None},
     {"normalization": "sequence_mean", "drop_zero_variance": True, "micro_batch_groups": 2},
     {"normalization": "group_token_mean", "adv_std": "none", "kl_ratio_weighted": False},
-    {"normalization": "sum_over_max_len", "beta": 0.0, "lr_schedule": "linear"},
+    {"normalization": "sum_over_max_len", "beta": 0.0, "lr_schedule": "linear", "kept_mass_weight": 0.0},
 ])
 def test_every_loss_variant_takes_a_finite_step(tmp_path: Path, redis_settings, recorded, knobs) -> None:
     _model_dir, _dataset, groups = recorded
@@ -266,6 +267,7 @@ def test_every_loss_variant_takes_a_finite_step(tmp_path: Path, redis_settings, 
     assert all(math.isfinite(record[part]) for part in ("loss", "policy_loss", "kl_penalty", "grad_norm"))
     assert record["skipped_nonfinite"] == 0.0 and record["grad_norm"] > 0
     assert any(not torch.equal(b, a) for b, a in zip(before, trainer.policy.parameters(), strict=True))
+    assert ("kept_mass_loss" in record) == (knobs.get("kept_mass_weight", 1.0) > 0)
     if knobs.get("old_logprobs") == "rollout":
         assert "is_truncated_frac" not in record  # no TIS: the ratio itself is taken against the rollout
     trainer.close()

@@ -17,6 +17,7 @@ from learner.algorithms import (
     group_advantages,
     grpo_loss,
     k3_kl,
+    kept_mass_loss,
     masked_mean,
     truncated_is_weights,
 )
@@ -463,3 +464,39 @@ def test_grpo_loss_rejects_bad_inputs() -> None:
 def test_loss_config_validates(bad: dict) -> None:
     with pytest.raises(ValueError):
         LossConfig(**bad)
+
+
+# ---- the kept-set term
+def test_kept_mass_loss_hand_computed() -> None:
+    scores = torch.tensor([4.0, 3.0, 2.0, 1.0])  # shares 0.4, 0.3, 0.2, 0.1
+    masks = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    loss, kept_share = kept_mass_loss(scores, masks, torch.tensor([2.0, -1.0]))
+    # Only the positive advantage counts: -(2 * log 0.4 + 0 * log 0.9) / 2.
+    assert float(loss) == pytest.approx(-math.log(0.4))
+    assert float(kept_share) == pytest.approx((0.4 + 0.9) / 2)
+
+
+def test_kept_mass_gradient_moves_score_into_the_rewarded_set() -> None:
+    logits = torch.zeros(6, requires_grad=True)
+    masks = torch.tensor([[True, True, False, False, False, False], [True, True, True, True, True, False]])
+    loss, _ = kept_mass_loss(logits.softmax(0), masks, torch.tensor([1.0, -1.0]))
+    loss.backward()
+    # Descent raises the kept tokens of the above-average rollout and lowers every other token.
+    assert bool((logits.grad[:2] < 0).all()) and bool((logits.grad[2:] > 0).all())
+
+
+def test_kept_mass_loss_is_zero_without_positive_advantages() -> None:
+    scores = torch.rand(8, requires_grad=True)
+    masks = torch.ones(3, 8, dtype=torch.bool)
+    loss, _ = kept_mass_loss(scores, masks, torch.tensor([0.0, -0.5, -2.0]))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and bool((scores.grad == 0).all())
+
+
+def test_kept_mass_loss_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kept_mass_loss(torch.rand(4), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2))
+    with pytest.raises(ValueError, match="advantages"):
+        kept_mass_loss(torch.rand(4), torch.ones(2, 4, dtype=torch.bool), torch.zeros(3))
+    with pytest.raises(ValueError, match="at least one visual token"):
+        kept_mass_loss(torch.rand(4), torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2))

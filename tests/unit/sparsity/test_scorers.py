@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from learner.algorithms import kept_mass_loss
 from services.modeling import build_prompt, build_tiny_model, load_model_and_processor
-from services.sparsity import KeepRatio, select
+from services.sparsity import KeepRatio, MassThreshold, select
 from services.sparsity.scorers import FeatureNormScorer, ScorerInputs, TextAttentionScorer, build_scorer
 
 
@@ -73,3 +74,25 @@ def test_unknown_scorer_and_bad_layer_are_named(tiny: tuple) -> None:
         build_scorer("nope")
     with pytest.raises(ValueError, match="layer must lie in"):
         TextAttentionScorer(layer=99).score(model, _inputs(processor))
+
+
+def test_kept_mass_steps_concentrate_attention_so_a_fixed_tau_keeps_fewer_tokens(tiny: tuple) -> None:
+    """The learner's kept-set term, through the scorer's autograd path, makes a fixed tau prune more."""
+    folder, _, processor = tiny
+    model, _ = load_model_and_processor(folder)  # a private copy: this test trains it
+    inputs = _inputs(processor)
+    scorer = TextAttentionScorer()
+    tau = MassThreshold(0.9)
+    before = select(scorer.score(model, inputs), tau)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(10):
+        scores = scorer.differentiable_score(model, inputs)
+        kept = select(scores.detach(), tau).kept_indices
+        mask = torch.zeros(1, scores.numel(), dtype=torch.bool)
+        mask[0, list(kept)] = True
+        loss, _ = kept_mass_loss(scores, mask, torch.ones(1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = select(scorer.score(model, inputs), tau)
+    assert after.reduction_ratio > before.reduction_ratio + 0.1
