@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -289,36 +290,52 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Accuracy (Wilson 95% CI bars) against mean reduction ratio, one curve per model, points labelled."""
+    """Accuracy (Wilson 95% CI bars) against mean reduction ratio per model: keep ratios as a line, thresholds as squares."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    lowest = 1.0
     for model in results["models"]:
-        rows = sorted(model["rows"], key=lambda row: row["reduction_mean"])
-        xs = [row["reduction_mean"] for row in rows]
-        ys = [row["accuracy"] for row in rows]
-        errors = [[row["accuracy"] - row["accuracy_ci95"][0] for row in rows],
-                  [row["accuracy_ci95"][1] - row["accuracy"] for row in rows]]
-        line = axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=model["label"])
-        for index, (row, x, y) in enumerate(zip(rows, xs, ys)):
-            # Alternate above/below: budgets that prune little sit close together near x = 0.
-            axes.annotate(row["budget"], (x, y), textcoords="offset points", xytext=(6, 12 if index % 2 else -16),
-                          fontsize=8, color=line[0].get_color(),
-                          bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "lw": 0})
+        color = None
+        for kind, marker, style in (("keep_ratio", "o", "-"), ("mass_threshold", "s", "none")):
+            rows = sorted((row for row in model["rows"] if _budget_kind(row["budget"]) == kind),
+                          key=lambda row: row["reduction_mean"])
+            if not rows:
+                continue
+            xs = [row["reduction_mean"] for row in rows]
+            ys = [row["accuracy"] for row in rows]
+            errors = [[row["accuracy"] - row["accuracy_ci95"][0] for row in rows],
+                      [row["accuracy_ci95"][1] - row["accuracy"] for row in rows]]
+            lowest = min([lowest, *(row["accuracy_ci95"][0] for row in rows)])
+            label = f"{model['label']} ({'keep ratio' if kind == 'keep_ratio' else 'mass threshold'})"
+            line = axes.errorbar(xs, ys, yerr=errors, marker=marker, linestyle=style, capsize=3, label=label,
+                                 color=color)
+            color = line[0].get_color()
+            for index, (row, x, y) in enumerate(zip(rows, xs, ys)):
+                # Alternate above/below: budgets that prune little sit close together near x = 0.
+                axes.annotate(row["budget"], (x, y), textcoords="offset points",
+                              xytext=(6, 10 if index % 2 else -14), fontsize=8, color=color,
+                              bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "lw": 0})
     axes.set_xlabel("visual-token reduction ratio (mean)")
     axes.set_ylabel("accuracy (95% Wilson CI)")
     axes.set_xlim(-0.05, 1.05)
-    axes.set_ylim(-0.02, 1.02)
+    # Zoom to the data (in steps of 0.1) so that one-point differences show; the axis says where it starts.
+    axes.set_ylim(max(0.0, math.floor(lowest * 10) / 10 - 0.05), 1.02)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8, loc="lower left")
     dataset = Path(results["dataset"])
     axes.set_title(f"{dataset.parent.name}/{dataset.name}: accuracy vs reduction ({results['items']} items)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _budget_kind(label: str) -> str:
+    """'mass_threshold' for a 'tau=...' label, else 'keep_ratio'."""
+    return "mass_threshold" if label.startswith("tau=") else "keep_ratio"
 
 
 def _file_label(label: str) -> str:

@@ -36,3 +36,20 @@ def test_evaluation_markdown_has_one_row_per_model_and_budget() -> None:
     assert "(eval/accuracy_vs_reduction.png)" in text
     assert "| trained | r=0.25 | 0.750 | 0.500 [0.400, 0.600] | 5.2 | 49.5 |" in text
     assert text.count("| r=0.25 |") == 2
+
+
+def test_pareto_plot_draws_keep_ratios_and_thresholds_of_both_models(tmp_path: Path) -> None:
+    from learner.evaluate import _budget_kind, plot_results
+
+    def row(budget: str, reduction: float, accuracy: float) -> dict:
+        return {"budget": budget, "reduction_mean": reduction, "accuracy": accuracy,
+                "accuracy_ci95": [accuracy - 0.02, min(1.0, accuracy + 0.02)]}
+
+    results = {"dataset": "tasks/digits/test.jsonl", "items": 200, "models": [
+        {"label": "base", "rows": [row("r=1", 0.0, 0.99), row("r=0.25", 0.75, 0.9), row("tau=0.94", 0.2, 0.99)]},
+        {"label": "trained", "rows": [row("r=0.25", 0.75, 0.98)]},  # no threshold row: that series is skipped
+    ]}
+    plot_results(results, tmp_path / "pareto.png")
+    with Image.open(tmp_path / "pareto.png") as image:
+        assert image.size[0] > 600
+    assert [_budget_kind(label) for label in ("tau=0.975", "r=0.5")] == ["mass_threshold", "keep_ratio"]
