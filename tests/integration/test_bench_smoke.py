@@ -46,3 +46,11 @@ def test_pruning_bench_quick_mode_writes_results(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "pruning.json").read_text())
     assert list(written["results"]) == ["dense", "r=0.5", "r=0.25", "r=0.125"]
     assert written["vs_dense"]["r=0.25"]["visual_kv_saving"] == 4.0
+
+
+def test_learner_step_bench_quick_mode_times_both_conditions(tmp_path: Path) -> None:
+    result = run_quick_bench("bench/learner_step.py", tmp_path, timeout=300)
+    written = json.loads((tmp_path / "learner_step.json").read_text())
+    assert [row["condition"] for row in written["results"]] == ["GRPO only", "GRPO + kept-set term"]
+    assert all(row["step_s_mean"] > 0 and len(row["step_s"]) == 2 for row in written["results"])
+    assert written["results"][0]["ratio_to_grpo_only"] == 1.0 and "× GRPO only" in result.stdout
