@@ -177,7 +177,8 @@ class LearnerSettings(StrictModel):
     kept_mass_weight: float = Field(
         1.0, ge=0,
         description="Weight of the kept-set term (learner.algorithms.kept_mass_loss): teaches the scorer's attention "
-        "to concentrate on the keep sets of above-average rollouts, so a fixed tau keeps fewer tokens; 0: off.",
+        "to concentrate on the keep sets of above-average rollouts, so a fixed tau keeps fewer tokens; 0: off. "
+        "It trains decoder layers <= K only, so it does nothing for the feature_norm scorer.",
     )
     publish_every: int = Field(1, ge=1, description="Publish a new weight version every k steps.")
     keep_weight_versions: int = Field(3, ge=1, description="Published version folders kept on disk.")
