@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-8)  # the weights barely move: every step is alike
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     scorer = build_scorer("text_attention", 2)
-    conditions = {"GRPO only": 0.0, "GRPO + kept-set term": 1.0}
+    conditions = {
+        name: StepConfig(loss=LossConfig(beta=0.04), micro_batch_groups=4, kept_mass_weight=weight, scorer=scorer)
+        for name, weight in (("GRPO only", 0.0), ("GRPO + kept-set term", 1.0))
+    }
     seconds: dict[str, list[float]] = {name: [] for name in conditions}
     for _ in range(reps + 1):  # the first round warms up and is not counted
-        for name, weight in conditions.items():
-            config = StepConfig(loss=LossConfig(beta=0.04), micro_batch_groups=4, kept_mass_weight=weight,
-                                scorer=scorer)
+        for name, config in conditions.items():
             started = time.perf_counter()
             grpo_step(policy, reference, optimizer, scheduler, groups, pixels, config)
             seconds[name].append(time.perf_counter() - started)

@@ -301,7 +301,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     for model in results["models"]:
         color = None
         for kind, marker, style in (("keep_ratio", "o", "-"), ("mass_threshold", "s", "none")):
-            rows = sorted((row for row in model["rows"] if _budget_kind(row["budget"]) == kind),
+            rows = sorted((row for row in model["rows"] if row["kind"] == kind),
                           key=lambda row: row["reduction_mean"])
             if not rows:
                 continue
@@ -331,11 +331,6 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def _budget_kind(label: str) -> str:
-    """'mass_threshold' for a 'tau=...' label, else 'keep_ratio'."""
-    return "mass_threshold" if label.startswith("tau=") else "keep_ratio"
 
 
 def _file_label(label: str) -> str:

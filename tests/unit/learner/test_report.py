@@ -39,10 +39,11 @@ def test_evaluation_markdown_has_one_row_per_model_and_budget() -> None:
 
 
 def test_pareto_plot_draws_keep_ratios_and_thresholds_of_both_models(tmp_path: Path) -> None:
-    from learner.evaluate import _budget_kind, plot_results
+    from learner.evaluate import plot_results
 
     def row(budget: str, reduction: float, accuracy: float) -> dict:
-        return {"budget": budget, "reduction_mean": reduction, "accuracy": accuracy,
+        kind = "mass_threshold" if budget.startswith("tau=") else "keep_ratio"
+        return {"budget": budget, "kind": kind, "reduction_mean": reduction, "accuracy": accuracy,
                 "accuracy_ci95": [accuracy - 0.02, min(1.0, accuracy + 0.02)]}
 
     results = {"dataset": "tasks/digits/test.jsonl", "items": 200, "models": [
@@ -52,4 +53,3 @@ def test_pareto_plot_draws_keep_ratios_and_thresholds_of_both_models(tmp_path: P
     plot_results(results, tmp_path / "pareto.png")
     with Image.open(tmp_path / "pareto.png") as image:
         assert image.size[0] > 600
-    assert [_budget_kind(label) for label in ("tau=0.975", "r=0.5")] == ["mass_threshold", "keep_ratio"]
