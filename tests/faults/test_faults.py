@@ -102,7 +102,11 @@ def test_a_weight_blob_corrupted_in_transit_is_refused_and_the_old_version_kept(
     loop.signal("learner", signal.SIGSTOP)  # hold the learner so that the tampered announcement stays the latest
     try:
         good = latest_weight_version(loop.redis.client(), loop.settings.run_name)
-        on_version = loop.worker_metric("sf_policy_version", {"service": "rollout_worker"})
+        # The learner may have announced a version just before it stopped: let the worker catch up to it first,
+        # or its legitimate load of that version would look like it had taken the tampered one.
+        loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) == good.version,
+                      60, f"the worker on the latest good weights v{good.version}")
+        on_version = good.version
         tampered = corrupted_copy(good, loop.workdir / "transit")
         tampered_at = time.time()
         announce_weights(loop.redis.client(), loop.settings.run_name, tampered)
