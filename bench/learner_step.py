@@ -26,6 +26,7 @@ from learner.recorded import record_groups
 from learner.step import PixelCache, StepConfig, grpo_step
 from services.data.loader import load_dataset, open_image
 from services.modeling import load_model_and_processor
+from services.modeling.pruned_forward import image_inputs
 from services.settings.models import paper_budgets
 from services.sparsity.scorers import build_scorer
 
@@ -50,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = record_groups(policy, processor, items, paper_budgets())
     images = {item.task.id: item.image_path for item in items}
 
-    def pixel_inputs(group):
-        encoded = processor.image_processor(images=[open_image(images[group.task.id])], return_tensors="pt")
-        return encoded["pixel_values"], encoded["image_grid_thw"]
-
-    pixels = PixelCache(pixel_inputs)
+    pixels = PixelCache(lambda group: image_inputs(processor, open_image(images[group.task.id])))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-8)  # the weights barely move: every step is alike
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     scorer = build_scorer("text_attention", 2)

@@ -42,7 +42,7 @@ from learner.publishing import publish_policy
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
 from services.modeling import load_model_and_processor
-from services.modeling.pruned_forward import visual_tokens_per_image
+from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
 from services.queues import Entry, StreamQueue, connect_redis
 from services.schemas import DecodeError, TrajectoryGroup, decode
 from services.settings.models import Settings
@@ -205,8 +205,8 @@ class Trainer:
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
         """Pixel values and grid of the group's task image, from the model's own image processor."""
         image = open_image(resolve_image(Path(self.image_roots[group.task.id]), group.task.image))
-        encoded = self.processor.image_processor(images=[image], return_tensors="pt")
-        return encoded["pixel_values"].to(self.cfg.device), encoded["image_grid_thw"].to(self.cfg.device)
+        pixel_values, image_grid_thw = image_inputs(self.processor, image)
+        return pixel_values.to(self.cfg.device), image_grid_thw.to(self.cfg.device)
 
     def _group_problem(self, group: TrajectoryGroup) -> str | None:
         """Why a group cannot be replayed on this model, or None when it can."""
