@@ -30,6 +30,7 @@ bench: .venv/bin/python  ## run every benchmark; each prints a table and writes 
 	$(PY) bench/rollout_worker.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/vs_trl.py
+	$(PY) bench/learner_step.py
 
 base-model: .venv/bin/python  ## rebuild the bundled tiny base model (SFT on the bundled tasks) into assets/
 	$(PY) -m learner.sft --out assets/tiny-qwen25vl
