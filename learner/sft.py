@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, 
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
 from services.data.layout import Layout, load_layouts
-from services.data.scenes import SceneSpec
+from services.data.scenes import COLOURS, SHAPES, SceneSpec
 from services.modeling import TinyModelSpec, build_tiny_model, count_parameters, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer, training_inputs
 
@@ -67,7 +68,7 @@ class TrainPart(BaseModel):
                                    question_mix=self.question_mix, position_tint=position_tint)
 
 
-_DENSE_SCENES = {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0, "list_objects": 2.0}
+_DENSE_SCENES = {"colour_at": 1.0, "shape_at": 1.0, "is_at": 1.0, "count_objects": 1.0, "list_objects": 2.0}
 _DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
 
 # A curriculum by image size: when one object or digit fills the picture, a model from scratch learns
@@ -76,7 +77,7 @@ _DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
 # so what is learned there transfers.
 DEFAULT_TRAIN_PARTS: tuple[TrainPart, ...] = (
     TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1, opening=True,
-              question_mix={"colour": 1.0, "shape": 1.0, "count": 1.0, "list_objects": 1.0}),
+              question_mix={"colour_at": 1.0, "shape_at": 1.0, "list_objects": 1.0}),
     TrainPart(family="scenes", image_size=224, items=8000, min_objects=2, max_objects=3,
               question_mix=_DENSE_SCENES),
     TrainPart(family="digits", image_size=112, items=4000, grid_size=1, opening=True, question_mix=_DENSE_DIGITS),
@@ -96,18 +97,16 @@ class SFTConfig(BaseModel):
     val_items: int = Field(100, ge=1, description="Validation items per family.")
     test_items: int = Field(200, ge=1, description="Test items per family.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
-    steps: int = Field(
-        2400, ge=1, description="Optimizer steps (2400: 35 min at 1 thread on 2 cores shared with a second SFT)."
-    )
+    steps: int = Field(1400, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of greedy evaluation.")
     keep_ratios: tuple[float, ...] = Field((0.5, 0.25, 0.125), description="Pruned-eval keep ratios.")
     pruned_eval_items: int = Field(200, ge=0, description="Test items per family in the pruned eval.")
-    threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest on a shared 2-core box).")
+    threads: int = Field(2, ge=1, description="torch intra-op threads (use 1 when a second job shares 2 cores).")
     attention_weight: float = Field(
-        0.0, ge=0, description="Weight of the answer-attention loss (learner/grounding.py); 0 turns it off."
+        1.0, ge=0, description="Weight of the answer-attention loss (learner/grounding.py); 0 turns it off."
     )
     attention_layer: int = Field(3, ge=0, description="Decoder layer whose attention is grounded (not the scorer's).")
     attention_heads: int = Field(2, ge=1, description="How many of that layer's heads are grounded.")
@@ -257,9 +256,12 @@ def grounding_loss(model, batch: dict, output, layouts: Sequence[Layout], config
     return torch.zeros(()) if attention is None else config.attention_weight * attention
 
 
+_VARIABLE_WORDS = re.compile(r"\b(" + "|".join([*COLOURS, *SHAPES]) + r")s?\b|\b\d+\b")
+
+
 def question_kind(item: DatasetItem) -> str:
-    """A short label of the question's kind, for per-kind accuracy (its first three words)."""
-    return " ".join(item.task.question.split()[:3])
+    """The question's template, for per-kind accuracy: colour, shape and number words become '…'."""
+    return _VARIABLE_WORDS.sub("…", item.task.question)
 
 
 def dense_accuracy(model, processor, items: Sequence[DatasetItem], batch_size: int, label: str) -> dict:
@@ -338,8 +340,10 @@ def run(config: SFTConfig) -> dict:
     build_tiny_model(staging, TinyModelSpec(seed=config.seed, rope_theta=config.rope_theta), corpus=corpus)
     model, processor = load_model_and_processor(staging)
     if config.attention_weight > 0:
-        # The answer-attention loss reads softmax weights, which only eager attention returns.
-        model.set_attn_implementation("eager")
+        # The answer-attention loss reads the decoder's softmax weights, which only eager attention returns;
+        # the vision tower keeps its faster kernel.
+        model.set_attn_implementation({"text_config": "eager",
+                                       "vision_config": model.config.vision_config._attn_implementation})
     eval_items = {family: load_dataset(splits["val"])[:64] for family, splits in paths.items()}
     losses = train(model, processor, train_items, layouts, config, eval_items, opening_pool)
     train_s = time.perf_counter() - started - data_s

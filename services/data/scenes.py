@@ -23,9 +23,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
-QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "list_objects")
-# "list_objects" names every object in reading order: dense supervision for training a model from
-# scratch (used in the SFT's train mix; the default val/test mix asks about one object).
+QUESTION_KINDS: tuple[str, ...] = (
+    "colour_at", "shape_at", "is_at", "count_objects", "count", "colour", "shape", "position", "list_objects",
+)
+# "*_at" and "is_at" find the object by its cell ("row 1, column 2", as the digit grids do); "colour",
+# "shape" and "position" find it by content ("the circle", "the red object") and are opt-in: the bundled
+# tiny model does not learn lookup by content within its training budget (README); so "count" (of one
+# shape) is opt-in too, and the default count asks for every object. "list_objects" names
+# every object in reading order: dense supervision for training a model from scratch (SFT train mix only).
 
 
 class SceneSpec(BaseModel):
@@ -40,7 +45,7 @@ class SceneSpec(BaseModel):
     min_objects: int = Field(2, ge=1, description="Fewest shapes in a scene.")
     max_objects: int = Field(3, ge=1, description="Most shapes in a scene (at most the number of colours).")
     question_mix: dict[str, float] = Field(
-        default_factory=lambda: {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 1.0},
+        default_factory=lambda: {"colour_at": 1.0, "shape_at": 1.0, "is_at": 1.0, "count_objects": 1.0},
         description="Relative weight of each question kind.",
     )
     background_noise: float = Field(
@@ -132,36 +137,73 @@ def render_scene(rng: np.random.Generator, objects: list[SceneObject], spec: Sce
 
 def ask_question(
     rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
-) -> tuple[str, str, AnswerType, list[str] | None, list[SceneObject]]:
-    """(question, answer, answer_type, choices, objects the answer is read from) of one kind."""
+) -> tuple[str, str, AnswerType, list[str] | None, list[tuple[int, int]]]:
+    """(question, answer, answer_type, choices, cells (row, column) the answer is read from) of one kind."""
     if kind == "list_objects":
         ordered = sorted(objects, key=lambda o: (o.row, o.column))
         answer = ", ".join(f"{o.colour} {o.shape}" for o in ordered)
-        return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None, ordered
+        return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None, _cells_of(ordered)
+    # A count is read from every cell: each must be checked, also when none holds what is counted.
+    every_cell = [(row, column) for row in range(cells_per_side) for column in range(cells_per_side)]
+    if kind == "count_objects":
+        return "How many objects are there?", str(len(objects)), AnswerType.NUMBER, None, every_cell
     if kind == "count":
         shape = str(rng.choice(SHAPES))
         counted = [scene_object for scene_object in objects if scene_object.shape == shape]
-        return f"How many {shape}s are there?", str(len(counted)), AnswerType.NUMBER, None, counted
+        return f"How many {shape}s are there?", str(len(counted)), AnswerType.NUMBER, None, every_cell
+    if kind in ("colour_at", "shape_at", "is_at"):
+        return _ask_by_cell(rng, objects, kind, cells_per_side)
     if kind == "colour":
         unique_shapes = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
         if not unique_shapes:
             return ask_question(rng, objects, "shape", cells_per_side)
         target = unique_shapes[int(rng.integers(len(unique_shapes)))]
-        return f"What colour is the {target.shape}?", target.colour, AnswerType.EXACT, None, [target]
+        return f"What colour is the {target.shape}?", target.colour, AnswerType.EXACT, None, _cells_of([target])
     target = objects[int(rng.integers(len(objects)))]
     if kind == "shape":
-        return f"What shape is the {target.colour} object?", target.shape, AnswerType.EXACT, None, [target]
+        return f"What shape is the {target.colour} object?", target.shape, AnswerType.EXACT, None, _cells_of([target])
     if kind == "position":
         question = f"Where is the {target.colour} {target.shape}?"
-        return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS), [target]
+        return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS), _cells_of([target])
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
 
 
-def scene_layout(task_id: str, objects: list[SceneObject], read_from: list[SceneObject], spec: SceneSpec) -> Layout:
+def _cells_of(objects: list[SceneObject]) -> list[tuple[int, int]]:
+    return [(scene_object.row, scene_object.column) for scene_object in objects]
+
+
+def _cell_words(row: int, column: int) -> str:
+    return f"row {row + 1}, column {column + 1}"
+
+
+def _ask_by_cell(
+    rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
+) -> tuple[str, str, AnswerType, list[str] | None, list[tuple[int, int]]]:
+    """A question that names a cell of the placement grid (rows and columns count from 1)."""
+    target = objects[int(rng.integers(len(objects)))]
+    if kind == "colour_at":
+        return (f"What colour is the object in {_cell_words(target.row, target.column)}?", target.colour,
+                AnswerType.EXACT, None, _cells_of([target]))
+    if kind == "shape_at":
+        return (f"What shape is the object in {_cell_words(target.row, target.column)}?", target.shape,
+                AnswerType.EXACT, None, _cells_of([target]))
+    # is_at, balanced: half the time the object's own cell, otherwise another cell (empty or not).
+    cells = [(row, column) for row in range(cells_per_side) for column in range(cells_per_side)]
+    others = [cell for cell in cells if cell != (target.row, target.column)]
+    if not others or rng.random() < 0.5:
+        asked = (target.row, target.column)
+    else:
+        asked = others[int(rng.integers(len(others)))]
+    answer = "yes" if asked == (target.row, target.column) else "no"
+    # Answered by looking at the asked cell (is the red object there?), not by finding the red object.
+    return f"Is the {target.colour} object in {_cell_words(*asked)}?", answer, AnswerType.YES_NO, None, [asked]
+
+
+def scene_layout(task_id: str, objects: list[SceneObject], read_from: list[tuple[int, int]], spec: SceneSpec) -> Layout:
     """The scene's placement grid, the object in each occupied cell, and the cells the answer is read from."""
     cells = [CellContent(row=o.row, column=o.column, colour=o.colour, shape=o.shape) for o in objects]
     return Layout(id=task_id, cells_per_side=spec.cells_per_side, cell_pixels=spec.cell_pixels, cells=cells,
-                  answer_cells=[(o.row, o.column) for o in read_from])
+                  answer_cells=read_from)
 
 
 def generate_scenes(rng: np.random.Generator, spec: SceneSpec, split: str, count: int) -> Iterator[GeneratedItem]:

@@ -40,12 +40,12 @@ def test_greedy_outputs_agree_between_transformers_and_vllm(
     vllm_answers = [output.outputs[0].text.strip() for output in outputs]
     assert len(test_items) == 2 * PROMPTS_PER_TASK
     assert vllm_answers == hf_answers
-    # Agreement on real answers, not on degenerate text: varied, non-empty, and well above chance
-    # (chance is about 0.2; the committed base model scores ~0.35 dense, see eval_report.json).
+    # Agreement on real answers, not on degenerate text: varied, non-empty, and far above chance
+    # (chance is about 0.3; the committed base model scores >= 0.95 dense on both tasks, see eval_report.json).
     correct = [normalize_answer(answer) == normalize_answer(item.task.answer)
                for answer, item in zip(vllm_answers, test_items)]
     assert all(vllm_answers) and len(set(vllm_answers)) >= 5, vllm_answers
-    assert sum(correct) >= 0.25 * len(correct), list(zip(vllm_answers, [i.task.answer for i in test_items]))
+    assert sum(correct) >= 0.8 * len(correct), list(zip(vllm_answers, [i.task.answer for i in test_items]))
 
 
 def test_vllm_prompt_has_the_expected_visual_token_count(base_model_folder: Path, vllm_engine, test_items: list):  # noqa: F811

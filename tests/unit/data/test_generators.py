@@ -81,6 +81,55 @@ def test_scene_colour_answer_matches_the_pixels_of_that_shape() -> None:
         assert image.size == (224, 224)
 
 
+def _asked_cell(question: str) -> tuple[int, int]:
+    words = question.rstrip("?").replace(",", "").split()
+    return int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+
+
+def _colours_in_cell(image: Image.Image, cell: tuple[int, int], cell_pixels: int) -> set[str]:
+    row, column = cell
+    crop = np.asarray(image)[row * cell_pixels:(row + 1) * cell_pixels, column * cell_pixels:(column + 1) * cell_pixels]
+    pixels = crop.reshape(-1, 3)
+    return {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).any()}
+
+
+def test_scene_questions_by_cell_are_answered_by_the_pixels_of_that_cell() -> None:
+    spec = SceneSpec(question_mix={"colour_at": 1.0, "is_at": 1.0})
+    answers: dict[str, list[str]] = {"colour_at": [], "is_at": []}
+    for task, image, layout in generate_scenes(np.random.default_rng(3), spec, "test", 80):
+        cell = _asked_cell(task.question)
+        present = _colours_in_cell(image, cell, spec.cell_pixels)
+        if task.question.startswith("What colour"):
+            assert present == {task.answer}
+            answers["colour_at"].append(task.answer)
+        else:
+            colour = task.question.split()[2]
+            assert task.answer == ("yes" if colour in present else "no")
+            answers["is_at"].append(task.answer)
+            assert [tuple(c) for c in layout.answer_cells] == [cell]
+    assert len(set(answers["colour_at"])) >= 4
+    assert 0.3 < answers["is_at"].count("yes") / len(answers["is_at"]) < 0.7
+
+
+def test_scene_shape_by_cell_names_the_shape_of_that_cells_object() -> None:
+    spec = SceneSpec(question_mix={"shape_at": 1.0})
+    for task, _image, layout in generate_scenes(np.random.default_rng(4), spec, "test", 30):
+        (asked,) = [o for o in layout.cells if (o.row, o.column) == _asked_cell(task.question)]
+        assert task.answer == asked.shape
+
+
+def test_scene_object_count_is_the_number_of_shapes_drawn_and_is_read_from_every_cell() -> None:
+    spec = SceneSpec(question_mix={"count_objects": 1.0})
+    counts = []
+    for task, image, layout in generate_scenes(np.random.default_rng(6), spec, "test", 30):
+        pixels = np.asarray(image).reshape(-1, 3)
+        drawn = sum((pixels == rgb).all(axis=1).any() for rgb in COLOURS.values())
+        assert task.question == "How many objects are there?" and task.answer == str(drawn)
+        assert len(layout.answer_cells) == spec.cells_per_side**2
+        counts.append(drawn)
+    assert set(counts) == {2, 3}
+
+
 def test_scene_objects_sit_in_distinct_cells_with_distinct_colours() -> None:
     spec = SceneSpec(image_size=448, min_objects=4, max_objects=6)
     rng = np.random.default_rng(0)
@@ -149,13 +198,13 @@ def test_layouts_record_what_each_answer_is_read_from(tmp_path: Path) -> None:
         assert set(layouts) == {item.task.id for item in items}
         for item in items:
             layout = layouts[item.task.id]
-            if item.task.question.startswith("What colour is the "):
-                shape = item.task.question.removeprefix("What colour is the ").rstrip("?")
-                assert [c.colour for c in layout.cells if c.shape == shape] == [item.task.answer]
+            if item.task.question.startswith("What colour is the object in"):
+                cell = _asked_cell(item.task.question)
+                assert [c.colour for c in layout.cells if (c.row, c.column) == cell] == [item.task.answer]
+                assert [tuple(c) for c in layout.answer_cells] == [cell]
             if item.task.question.startswith("What digit is in row"):
-                words = item.task.question.rstrip("?").replace(",", "").split()
-                row, column = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
-                assert [c.digit for c in layout.cells if (c.row, c.column) == (row, column)] == [int(item.task.answer)]
+                cell = _asked_cell(item.task.question)
+                assert [c.digit for c in layout.cells if (c.row, c.column) == cell] == [int(item.task.answer)]
 
 
 def test_position_tint_makes_every_patch_of_the_background_distinct() -> None:
