@@ -144,13 +144,12 @@ def ask_question(
         answer = ", ".join(f"{o.colour} {o.shape}" for o in ordered)
         return "List the objects from top left to bottom right.", answer, AnswerType.EXACT, None, _cells_of(ordered)
     # A count is read from every cell: each must be checked, also when none holds what is counted.
-    every_cell = [(row, column) for row in range(cells_per_side) for column in range(cells_per_side)]
     if kind == "count_objects":
-        return "How many objects are there?", str(len(objects)), AnswerType.NUMBER, None, every_cell
+        return "How many objects are there?", str(len(objects)), AnswerType.NUMBER, None, _grid_cells(cells_per_side)
     if kind == "count":
         shape = str(rng.choice(SHAPES))
         counted = [scene_object for scene_object in objects if scene_object.shape == shape]
-        return f"How many {shape}s are there?", str(len(counted)), AnswerType.NUMBER, None, every_cell
+        return f"How many {shape}s are there?", str(len(counted)), AnswerType.NUMBER, None, _grid_cells(cells_per_side)
     if kind in ("colour_at", "shape_at", "is_at"):
         return _ask_by_cell(rng, objects, kind, cells_per_side)
     if kind == "colour":
@@ -166,6 +165,10 @@ def ask_question(
         question = f"Where is the {target.colour} {target.shape}?"
         return question, quadrant_of(target, cells_per_side), AnswerType.CHOICE, list(QUADRANTS), _cells_of([target])
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
+
+
+def _grid_cells(cells_per_side: int) -> list[tuple[int, int]]:
+    return [(row, column) for row in range(cells_per_side) for column in range(cells_per_side)]
 
 
 def _cells_of(objects: list[SceneObject]) -> list[tuple[int, int]]:
@@ -188,8 +191,7 @@ def _ask_by_cell(
         return (f"What shape is the object in {_cell_words(target.row, target.column)}?", target.shape,
                 AnswerType.EXACT, None, _cells_of([target]))
     # is_at, balanced: half the time the object's own cell, otherwise another cell (empty or not).
-    cells = [(row, column) for row in range(cells_per_side) for column in range(cells_per_side)]
-    others = [cell for cell in cells if cell != (target.row, target.column)]
+    others = [cell for cell in _grid_cells(cells_per_side) if cell != (target.row, target.column)]
     if not others or rng.random() < 0.5:
         asked = (target.row, target.column)
     else:
