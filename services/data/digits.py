@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.data.layout import CellContent, GeneratedItem, Layout, position_tint
+from services.data.layout import CellContent, GeneratedItem, Layout, cell_words, position_tint
 from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
@@ -102,7 +102,7 @@ def ask_question(
     """(question, answer, answer_type, cell positions the answer is read from); rows and columns count from 1."""
     position = int(rng.integers(len(labels)))
     row, column = divmod(position, grid_size)
-    where = f"row {row + 1}, column {column + 1}"
+    where = cell_words(row, column)
     if kind == "digit_at":
         return f"What digit is in {where}?", str(int(labels[position])), AnswerType.NUMBER, [position]
     if kind == "is_digit":

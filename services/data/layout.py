@@ -66,6 +66,11 @@ def load_layouts(jsonl_path: Path) -> dict[str, Layout]:
     return {layout.id: layout for layout in layouts}
 
 
+def cell_words(row: int, column: int) -> str:
+    """A cell of a placement grid as the questions name it, counting from 1: 'row 1, column 2'."""
+    return f"row {row + 1}, column {column + 1}"
+
+
 def position_tint(image_size: int, strength: float) -> np.ndarray:
     """(size, size, 3) offsets that darken red left-to-right and blue top-to-bottom by up to `strength`.
 

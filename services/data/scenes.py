@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.data.layout import CellContent, GeneratedItem, Layout, position_tint
+from services.data.layout import CellContent, GeneratedItem, Layout, cell_words, position_tint
 from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
@@ -175,20 +175,16 @@ def _cells_of(objects: list[SceneObject]) -> list[tuple[int, int]]:
     return [(scene_object.row, scene_object.column) for scene_object in objects]
 
 
-def _cell_words(row: int, column: int) -> str:
-    return f"row {row + 1}, column {column + 1}"
-
-
 def _ask_by_cell(
     rng: np.random.Generator, objects: list[SceneObject], kind: str, cells_per_side: int
 ) -> tuple[str, str, AnswerType, list[str] | None, list[tuple[int, int]]]:
     """A question that names a cell of the placement grid (rows and columns count from 1)."""
     target = objects[int(rng.integers(len(objects)))]
     if kind == "colour_at":
-        return (f"What colour is the object in {_cell_words(target.row, target.column)}?", target.colour,
+        return (f"What colour is the object in {cell_words(target.row, target.column)}?", target.colour,
                 AnswerType.EXACT, None, _cells_of([target]))
     if kind == "shape_at":
-        return (f"What shape is the object in {_cell_words(target.row, target.column)}?", target.shape,
+        return (f"What shape is the object in {cell_words(target.row, target.column)}?", target.shape,
                 AnswerType.EXACT, None, _cells_of([target]))
     # is_at, balanced: half the time the object's own cell, otherwise another cell (empty or not).
     others = [cell for cell in _grid_cells(cells_per_side) if cell != (target.row, target.column)]
@@ -198,7 +194,7 @@ def _ask_by_cell(
         asked = others[int(rng.integers(len(others)))]
     answer = "yes" if asked == (target.row, target.column) else "no"
     # Answered by looking at the asked cell (is the red object there?), not by finding the red object.
-    return f"Is the {target.colour} object in {_cell_words(*asked)}?", answer, AnswerType.YES_NO, None, [asked]
+    return f"Is the {target.colour} object in {cell_words(*asked)}?", answer, AnswerType.YES_NO, None, [asked]
 
 
 def scene_layout(task_id: str, objects: list[SceneObject], read_from: list[tuple[int, int]], spec: SceneSpec) -> Layout:

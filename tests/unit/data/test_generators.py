@@ -64,8 +64,7 @@ def test_digit_question_answers_the_digit_drawn_in_that_cell() -> None:
     single = DigitGridSpec(image_size=56, grid_size=1, position_tint=0)
     by_bitmap = {render_grid(image[None], single).tobytes(): int(label) for image, label in zip(images, labels)}
     for task, grid, _layout in generate_digit_grids(np.random.default_rng(1), spec, "val", 20):
-        words = task.question.rstrip("?").replace(",", "").split()
-        row, column = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+        row, column = _asked_cell(task.question)
         crop = grid.crop((column * 56, row * 56, (column + 1) * 56, (row + 1) * 56))
         assert by_bitmap[crop.tobytes()] == int(task.answer)
 
@@ -74,8 +73,7 @@ def test_scene_colour_answer_matches_the_pixels_of_that_shape() -> None:
     spec = SceneSpec(question_mix={"colour": 1.0})
     rng = np.random.default_rng(5)
     for task, image, _layout in generate_scenes(rng, spec, "test", 30):
-        pixels = np.asarray(image).reshape(-1, 3)
-        present = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).any()}
+        present = _colours_present(np.asarray(image))
         if task.question.startswith("What colour"):
             assert task.answer in present
         assert image.size == (224, 224)
@@ -86,11 +84,16 @@ def _asked_cell(question: str) -> tuple[int, int]:
     return int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
 
 
+def _colours_present(pixels: np.ndarray) -> set[str]:
+    """Names of the object colours drawn anywhere in an (H, W, 3) array."""
+    flat = pixels.reshape(-1, 3)
+    return {name for name, rgb in COLOURS.items() if (flat == rgb).all(axis=1).any()}
+
+
 def _colours_in_cell(image: Image.Image, cell: tuple[int, int], cell_pixels: int) -> set[str]:
     row, column = cell
     crop = np.asarray(image)[row * cell_pixels:(row + 1) * cell_pixels, column * cell_pixels:(column + 1) * cell_pixels]
-    pixels = crop.reshape(-1, 3)
-    return {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).any()}
+    return _colours_present(crop)
 
 
 def test_scene_questions_by_cell_are_answered_by_the_pixels_of_that_cell() -> None:
@@ -122,8 +125,7 @@ def test_scene_object_count_is_the_number_of_shapes_drawn_and_is_read_from_every
     spec = SceneSpec(question_mix={"count_objects": 1.0})
     counts = []
     for task, image, layout in generate_scenes(np.random.default_rng(6), spec, "test", 30):
-        pixels = np.asarray(image).reshape(-1, 3)
-        drawn = sum((pixels == rgb).all(axis=1).any() for rgb in COLOURS.values())
+        drawn = len(_colours_present(np.asarray(image)))
         assert task.question == "How many objects are there?" and task.answer == str(drawn)
         assert len(layout.answer_cells) == spec.cells_per_side**2
         counts.append(drawn)
