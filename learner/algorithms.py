@@ -137,9 +137,35 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def row_token_weights(
+    lengths: Tensor, group_index: Tensor, normalization: Normalization, *, max_completion_len: int | None = None,
+) -> Tensor:
+    """Per-row weight of each valid token so that sum(weight * per_token) is `aggregate` over the whole batch.
+
+    lengths: (rows,) valid completion tokens per row; group_index: (rows,) the group each row belongs to. With
+    these weights a batch can be cut into micro-batches of any rows (not whole groups) and the micro-batch
+    losses still add up to the batch's loss exactly. Returns (rows,) float32.
+    """
+    lengths = lengths.to(torch.float32)
+    rows = max(int(lengths.numel()), 1)
+    if normalization == "token_mean":
+        return torch.full_like(lengths, 1.0) / lengths.sum().clamp(min=1)
+    if normalization == "sequence_mean":
+        return 1.0 / (lengths.clamp(min=1) * rows)
+    if normalization == "group_token_mean":
+        groups, inverse = torch.unique(group_index, return_inverse=True)
+        group_tokens = torch.zeros(len(groups)).index_add_(0, inverse, lengths)
+        return 1.0 / (group_tokens[inverse].clamp(min=1) * len(groups))
+    if normalization == "sum_over_max_len":
+        if max_completion_len is None or max_completion_len < 1:
+            raise ValueError(f"sum_over_max_len needs max_completion_len >= 1, got {max_completion_len}")
+        return torch.full_like(lengths, 1.0 / (rows * max_completion_len))
+    raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+
+
 def aggregate(
     per_token: Tensor, mask: Tensor, normalization: Normalization, *, group_size: int | None = None,
-    max_completion_len: int | None = None, total_tokens: float | None = None,
+    max_completion_len: int | None = None, total_tokens: float | None = None, row_weights: Tensor | None = None,
 ) -> Tensor:
     """Reduce a (batch, len) per-token loss to a scalar; `normalization` names the averaging (see below).
 
@@ -152,9 +178,13 @@ def aggregate(
         prompt weighs the same, whatever the lengths of its rollouts.
     "sum_over_max_len": sum over valid tokens / (batch * max_completion_len), a constant (Dr. GRPO, Liu et
         al. 2025; TRL "dr_grpo"). No length-dependent weighting at all.
+    row_weights: (batch,) per-token weight of each row from `row_token_weights`, computed over the whole
+        step; when given it replaces the normalization (the rows may be any slice of the step).
     """
     mask = mask.bool()
     masked = torch.where(mask, per_token, 0.0)
+    if row_weights is not None:
+        return (masked * row_weights.to(masked.dtype)[:, None]).sum()
     if normalization == "token_mean":
         count = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=per_token.dtype)
         return masked.sum() / count.clamp(min=1)
@@ -265,6 +295,7 @@ def grpo_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
     config: LossConfig = LossConfig(), *, ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None, group_size: int | None = None, total_tokens: float | None = None,
+    row_weights: Tensor | None = None,
 ) -> LossResult:
     """aggregate(TIS * clipped surrogate + beta * k3 KL); token tensors (batch, len), advantages (batch,).
 
@@ -272,7 +303,8 @@ def grpo_loss(
     is taken against, no grad: the trainer's own recompute before the first update on this batch when there
     is one (TRL/verl), else the rollout engine's log-probs. rollout_logprobs: the engine's log-probs; given
     together with config.tis_cap, each token is reweighted by min(exp(old - rollout), tis_cap).
-    ref_logprobs: the frozen reference's log-probs, needed when beta > 0.
+    ref_logprobs: the frozen reference's log-probs, needed when beta > 0. row_weights: (batch,) from
+    `row_token_weights`, for a micro-batch of a larger step (see `aggregate`).
     """
     mask = mask.bool()
     if logprobs.shape != mask.shape or old_logprobs.shape != mask.shape or advantages.shape != mask.shape[:1]:
@@ -301,7 +333,7 @@ def grpo_loss(
 
     reduce = partial(
         aggregate, mask=mask, normalization=config.normalization, group_size=group_size,
-        max_completion_len=config.max_completion_len, total_tokens=total_tokens,
+        max_completion_len=config.max_completion_len, total_tokens=total_tokens, row_weights=row_weights,
     )
     policy_loss = reduce(per_token_policy)
     kl_penalty, kl_mean = zero, zero

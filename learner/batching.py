@@ -73,19 +73,21 @@ def micro_batches(num_groups: int, groups_per_micro_batch: int) -> list[range]:
     ]
 
 
-def micro_batch_scale(normalization: str, rows: int, total_rows: int, groups: int, total_groups: int) -> float:
-    """Weight of one micro-batch's aggregated loss so the micro-batches sum to the whole batch's loss.
+def token_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices cut into micro-batches of at most max_tokens padded tokens (rows x longest row), longest first.
 
-    token_mean gets the step's token count through `total_tokens` instead, so its weight is 1. The others
-    average over rows (sequence_mean, sum_over_max_len) or groups (group_token_mean) of the micro-batch.
+    Sorting by length keeps the padding small; a row longer than max_tokens goes alone.
     """
-    if normalization == "token_mean":
-        return 1.0
-    if normalization == "group_token_mean":
-        return groups / total_groups
-    if normalization in ("sequence_mean", "sum_over_max_len"):
-        return rows / total_rows
-    raise ValueError(f"unknown normalization {normalization!r}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,12 +32,27 @@ class PublishTimings:
 
 def publish_policy(
     model: torch.nn.Module, processor: Any, *, staging: Path, weights_root: Path, version: int, learner_step: int,
-    client: redis.Redis | None, run_name: str, keep_versions: int = 3,
+    client: redis.Redis | None, run_name: str, keep_versions: int = 3, dtype: torch.dtype | None = None,
 ) -> tuple[WeightVersion, PublishTimings]:
-    """Save the model (+ processor files, so vLLM loads the folder) as version `version` and announce it."""
+    """Save the model (+ processor files, so vLLM loads the folder) as version `version` and announce it.
+
+    dtype: what the published tensors are cast to (the checkpoint's own dtype when the learner trains fp32
+    master weights for a bf16 checkpoint); None keeps the model's.
+    """
     started = time.perf_counter()
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    state_dict = None
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        state_dict = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                      for name, tensor in model.state_dict().items()}
+    model.save_pretrained(staging, state_dict=state_dict)
+    if state_dict is not None:  # save_pretrained writes the model's own dtype; say what the files hold
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = str(dtype).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     if processor is not None:
         processor.save_pretrained(staging)
     saved = time.perf_counter()

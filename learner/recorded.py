@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from services.data.loader import DatasetItem, open_image
+from services.modeling.batched_forward import RowSpec, rows_completion_logprobs
 from services.modeling.prompts import build_prompt
-from services.modeling.pruned_forward import pruned_completion_logprobs
 from services.schemas import AnswerType, Budget, RewardBreakdown, Rollout, Task, TrajectoryGroup
 from services.sparsity.budgets import budget_from_wire, select
 from services.sparsity.scorers import FeatureNormScorer, ScorerInputs
@@ -56,16 +56,17 @@ def record_group(
     )
     scores = FeatureNormScorer().score(model, inputs)
     prompt_ids = encoded["input_ids"][0].tolist()
+    selections = [select(scores, budget_from_wire(budget)) for budget in budgets]
+    texts = [item.task.answer if index % 2 == 0 else wrong_answer(item.task) for index in range(len(budgets))]
+    completions = [processor.tokenizer(text + ANSWER_END, add_special_tokens=False)["input_ids"] for text in texts]
+    rows = [RowSpec(prompt_ids, completion, selection.kept_indices)
+            for completion, selection in zip(completions, selections, strict=True)]
+    every_logprobs, _ = rows_completion_logprobs(model, rows, inputs.pixel_values, inputs.image_grid_thw)
     rollouts, rewards = [], []
     for index, budget in enumerate(budgets):
-        selection = select(scores, budget_from_wire(budget))
+        selection, text, completion = selections[index], texts[index], completions[index]
         correct = index % 2 == 0
-        text = item.task.answer if correct else wrong_answer(item.task)
-        completion = processor.tokenizer(text + ANSWER_END, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + completion])
-        logprobs = pruned_completion_logprobs(
-            model, ids, inputs.pixel_values, inputs.image_grid_thw, selection.kept_indices, len(completion)
-        )
+        logprobs = every_logprobs[index, :len(completion)]
         rollouts.append(Rollout(
             task_id=item.task.id, rollout_index=index, budget=budget, prompt_token_ids=prompt_ids,
             completion_token_ids=completion, completion_logprobs=[min(v, 0.0) for v in logprobs.tolist()],

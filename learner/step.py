@@ -1,41 +1,53 @@
 """One GRPO optimizer step over a list of trajectory groups: recompute log-probs on the recorded keep sets,
 take the loss from `learner.algorithms`, accumulate gradients over micro-batches, clip, step. No I/O.
 
-Log-probs come from `pruned_completion_logprobs` on exactly the prompt ids, completion ids and kept visual
-indices the worker recorded, so the trainer sees the sequence the rollout engine saw (DESIGN.md).
-With `kept_mass_weight > 0` each group also adds `kept_mass_loss`: the workers' scorer is rerun with autograd
-on the group's unpruned prompt, and the share of its scores on each above-average rollout's keep set is raised.
+The order of work (docs/architecture.md, "The learner's step"):
+
+    for each vision chunk (micro_batch_groups groups; rank r takes chunks r, r+W, ...):
+        the policy's features of the chunk's images, once, with grad -> a detached leaf;
+        the reference's features of the same images, once, without grad
+        for each micro-batch of at most micro_batch_tokens padded tokens of the chunk's rows, longest first:
+            plan on the CPU -> one batched policy pass and one batched reference pass -> grpo_loss -> backward
+            (the LLM's gradients land in the parameters, the features' in the leaf)
+        the kept-set term per group (the scorer on the unpruned prompt, features detached)
+        one backward through the vision tower with the leaf's accumulated gradient
+
+The gradient through shared features is the sum of the per-rollout gradients, so this is the same step as
+scoring each rollout on its own (`forward="per_rollout"`, kept as the baseline the tests and bench compare with).
+Every row's loss weight comes from the whole step (`row_token_weights`), so micro-batches may cut groups.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss
-from learner.batching import micro_batch_scale, micro_batches, pad_rows, rollout_input_ids, step_advantages
+from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, row_token_weights
+from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
+from services.modeling.batched_forward import RowSpec, batched_completion_logprobs, plan_batch
 from services.modeling.pruned_forward import (
     expand_placeholders,
     image_features,
     image_token_id,
     pruned_completion_logprobs,
-    visual_tokens_per_image,
 )
 from services.schemas import Rollout, TrajectoryGroup
 from services.sparsity.budgets import keep_mask
 from services.sparsity.scorers import ScorerInputs, VisualTokenScorer
 
-PixelInputs = tuple[Tensor, Tensor]  # pixel_values (patches, C*T*P*P), image_grid_thw (1, 3)
+PixelInputs = tuple[Tensor, Tensor]  # pixel_values (patches, C*T*P*P), image_grid_thw (1, 3), both on the CPU
 
 _LOSS_PARTS = ("loss", "policy_loss", "kl_penalty")  # step sums of LossResult fields (loss excludes kept mass)
 # Token-weighted means: each micro-batch contributes in proportion to its valid tokens.
 _TOKEN_MEANS = ("kl_mean", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
                 "logprob_diff_mean", "is_ratio_mean", "is_truncated_frac")
+_MAXIMA = ("logprob_diff_max", "is_ratio_max")
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,8 @@ class StepConfig:
     """Knobs of one step besides the loss's own."""
 
     loss: LossConfig
-    micro_batch_groups: int = 2
+    micro_batch_groups: int = 2  # groups whose images go through the vision tower together
+    micro_batch_tokens: int = 16_384  # padded tokens (rows x longest row) per LLM forward/backward
     grad_clip: float = 1.0
     adv_std: StdKind = "unbiased"
     adv_eps: float = 1e-4
@@ -51,12 +64,19 @@ class StepConfig:
     old_logprobs: str = "recompute"  # "recompute": ratio vs the trainer's own log-probs (+TIS); "rollout"
     kept_mass_weight: float = 0.0  # weight of learner.algorithms.kept_mass_loss; needs `scorer`
     scorer: VisualTokenScorer | None = None  # the workers' scorer, run with autograd for the kept-mass term
+    compute_dtype: torch.dtype | None = None  # autocast dtype over higher-precision (master) weights; None: off
+    forward: Literal["batched", "per_rollout"] = "batched"  # per_rollout: the baseline, one rollout at a time
 
     def __post_init__(self) -> None:
         if self.kept_mass_weight < 0:
             raise ValueError(f"kept_mass_weight must be >= 0, got {self.kept_mass_weight}")
         if self.kept_mass_weight > 0 and self.scorer is None:
             raise ValueError("kept_mass_weight > 0 needs the scorer the rollout workers use")
+        if self.micro_batch_tokens < 1 or self.micro_batch_groups < 1:
+            raise ValueError(f"micro-batch sizes must be >= 1, got {self.micro_batch_groups} groups, "
+                             f"{self.micro_batch_tokens} tokens")
+        if self.forward not in ("batched", "per_rollout"):
+            raise ValueError(f"forward must be 'batched' or 'per_rollout', got {self.forward!r}")
 
 
 class PixelCache:
@@ -80,57 +100,163 @@ class PixelCache:
         return value
 
 
+def pruned_length(rollout: Rollout, placeholder_id: int) -> int:
+    """Tokens of the rollout's pruned sequence: prompt text, kept visual tokens, completion."""
+    placeholders = rollout.prompt_token_ids.count(placeholder_id)
+    return (len(rollout.prompt_token_ids) - placeholders + len(rollout.kept_indices)
+            + len(rollout.completion_token_ids))
+
+
 def rollout_logprobs(model: torch.nn.Module, rollout: Rollout, pixels: PixelInputs) -> Tensor:
-    """(completion_len,) float32 log-probs of the recorded completion under `model` on the recorded keep set."""
-    device = pixels[0].device
+    """(completion_len,) float32 log-probs of one rollout on its own (vision tower included): the baseline path."""
+    device = next(model.parameters()).device
     if not rollout.completion_token_ids:
         return torch.zeros(0, device=device)
     input_ids, completion_length = rollout_input_ids(rollout)
     return pruned_completion_logprobs(
-        model, input_ids.to(device), pixels[0], pixels[1], rollout.kept_indices, completion_length
+        model, input_ids.to(device), pixels[0].to(device), pixels[1].to(device), rollout.kept_indices,
+        completion_length,
     )
 
 
+@dataclass
+class _Row:
+    """One admitted rollout of the step: where it sits and what it needs."""
+
+    index: int  # row index in the step (group-major)
+    group: int  # group index in the step
+    image: int  # image index within its vision chunk
+    rollout: Rollout
+    pixels: PixelInputs
+
+
+@dataclass
+class _Chunk:
+    """Images of a vision chunk on the device, and the features the chunk's rows read."""
+
+    pixel_values: Tensor
+    image_grid_thw: Tensor  # on the device
+    grids_cpu: Tensor
+    policy_features: Tensor | None = None  # with grad (the vision tower's output)
+    policy_leaf: Tensor | None = None  # detached copy that collects the LLM's gradient
+    reference_features: Tensor | None = None
+    offsets: list[int] = field(default_factory=list)  # first feature row of each image
+
+
+@dataclass
+class _Totals:
+    """Step metrics as device tensors: one host read at the end of the step, none per micro-batch."""
+
+    sums: dict[str, Tensor]
+    means: dict[str, Tensor]
+    maxima: dict[str, Tensor]
+    present: set[str] = field(default_factory=set)
+
+    @classmethod
+    def zeros(cls, device: torch.device, extra_sums: Sequence[str]) -> _Totals:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(sums={name: zero.clone() for name in (*_LOSS_PARTS, *extra_sums)},
+                   means={name: zero.clone() for name in _TOKEN_MEANS},
+                   maxima={name: torch.full((), float("-inf"), dtype=torch.float64, device=device)
+                           for name in _MAXIMA})
+
+    def add(self, result: Any, token_share: float) -> None:
+        for name in _LOSS_PARTS:
+            self.sums[name] += getattr(result, name).detach()
+        for name in _TOKEN_MEANS:
+            value = getattr(result, name)
+            if value is not None:
+                self.means[name] += value.detach() * token_share
+                self.present.add(name)
+        for name in _MAXIMA:
+            value = getattr(result, name)
+            if value is not None:
+                self.maxima[name] = torch.maximum(self.maxima[name], value.detach().double())
+
+    def to_floats(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        names = [*self.sums, *self.means, *self.maxima]
+        values = torch.stack([*self.sums.values(), *self.means.values(), *self.maxima.values()]).tolist()
+        merged = dict(zip(names, values, strict=True))
+        return ({name: merged[name] for name in self.sums}, {name: merged[name] for name in self.means},
+                {name: merged[name] for name in self.maxima})
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None, param_dtype: torch.dtype) -> Any:
+    """bf16/fp16 compute over higher-precision weights, or nothing when the dtypes agree."""
+    if dtype is None or dtype == param_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _chunk_inputs(rows: Sequence[_Row], group_ids: Sequence[int], device: torch.device) -> _Chunk:
+    """Concatenate the chunk's images (one per group, in group order) and move them to the device."""
+    first = {row.group: row for row in reversed(rows)}
+    pixel_values = torch.cat([first[g].pixels[0] for g in group_ids]).to(device, non_blocking=True)
+    grids = torch.cat([first[g].pixels[1] for g in group_ids]).cpu()
+    return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids)
+
+
+def _chunk_features(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, chunk: _Chunk, config: StepConfig
+) -> None:
+    """Run each vision tower once over the chunk's images (the policy's with grad when the rows read them)."""
+    if config.forward == "per_rollout":  # rows run their own vision passes; the kept-set term reads these
+        with torch.no_grad():
+            chunk.policy_leaf = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
+        return
+    chunk.policy_features = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
+    chunk.policy_leaf = chunk.policy_features.detach().requires_grad_(True)
+    if reference is not None and config.loss.beta > 0:
+        with torch.no_grad():
+            chunk.reference_features = image_features(reference, chunk.pixel_values, chunk.image_grid_thw)
+
+
+def _micro_batch_logprobs(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, rows: Sequence[_Row], chunk: _Chunk,
+    config: StepConfig,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, C) policy log-probs with grad, the (B, C) mask and the reference's log-probs (or None)."""
+    device = chunk.pixel_values.device
+    use_reference = reference is not None and config.loss.beta > 0
+    if config.forward == "per_rollout":
+        logprobs, mask = pad_rows([rollout_logprobs(policy, row.rollout, row.pixels) for row in rows])
+        ref = None
+        if use_reference:
+            with torch.no_grad():
+                ref, _ = pad_rows([rollout_logprobs(reference, row.rollout, row.pixels) for row in rows],
+                                  logprobs.shape[1])
+        return logprobs, mask.to(device), ref
+    specs = [RowSpec(row.rollout.prompt_token_ids, row.rollout.completion_token_ids, row.rollout.kept_indices,
+                     row.image) for row in rows]
+    plan = plan_batch(policy, specs, chunk.grids_cpu).to(device)
+    logprobs = batched_completion_logprobs(policy, plan, chunk.policy_leaf)
+    ref = None
+    if use_reference:
+        with torch.no_grad():
+            ref = batched_completion_logprobs(reference, plan, chunk.reference_features)
+    return logprobs, plan.completion_mask, ref
+
+
 def group_kept_mass_loss(
-    policy: torch.nn.Module, scorer: VisualTokenScorer, group: TrajectoryGroup, pixels: PixelInputs,
+    policy: torch.nn.Module, scorer: VisualTokenScorer, group: TrajectoryGroup, chunk: _Chunk, image: int,
     advantages: Tensor, keep: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """kept_mass_loss of one group's admitted rollouts, scored on the unpruned prompt by the current policy."""
     rollouts = [rollout for rollout, admitted in zip(group.rollouts, keep.tolist(), strict=True) if admitted]
-    total = sum(visual_tokens_per_image(policy, pixels[1]))
-    prompt = torch.tensor([rollouts[0].prompt_token_ids], dtype=torch.long, device=pixels[0].device)
-    with torch.no_grad():
-        # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones
-        # the policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
-        features = image_features(policy, pixels[0], pixels[1])
-    ids = expand_placeholders(prompt, image_token_id(policy), total)
-    inputs = ScorerInputs(ids, pixels[0], pixels[1], image_embeds=features)
+    start, end = chunk.offsets[image], chunk.offsets[image + 1]
+    # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones the
+    # policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
+    features = chunk.policy_leaf[start:end].detach()
+    total = end - start
+    prompt = expand_placeholders(torch.tensor([rollouts[0].prompt_token_ids]), image_token_id(policy), total)
+    device = features.device
+    patch_count = int(chunk.grids_cpu[image].prod())
+    first_patch = int(chunk.grids_cpu[:image].prod(-1).sum())
+    inputs = ScorerInputs(prompt.to(device), chunk.pixel_values[first_patch:first_patch + patch_count],
+                          chunk.image_grid_thw[image:image + 1], image_embeds=features)
     scores = scorer.differentiable_score(policy, inputs)
-    masks = torch.stack([keep_mask(rollout.kept_indices, total) for rollout in rollouts]).to(scores.device)
-    return kept_mass_loss(scores, masks, advantages[keep].to(scores.device))
-
-
-def _micro_batch_loss(
-    policy: torch.nn.Module, reference: torch.nn.Module | None, rows: Sequence[tuple[Rollout, PixelInputs]],
-    advantages: Tensor, config: StepConfig, *, group_size: int | None, total_tokens: float,
-) -> Any:
-    """LossResult of one micro-batch (loss with grad)."""
-    logprobs, mask = pad_rows([rollout_logprobs(policy, rollout, pixels) for rollout, pixels in rows])
-    width, device = logprobs.shape[1], logprobs.device
-    recorded = [torch.tensor(rollout.completion_logprobs, dtype=torch.float32, device=device) for rollout, _ in rows]
-    rollout_lp, _ = pad_rows(recorded, width)
-    ref_lp = None
-    if reference is not None and config.loss.beta > 0:
-        with torch.no_grad():
-            ref_lp, _ = pad_rows([rollout_logprobs(reference, rollout, pixels) for rollout, pixels in rows], width)
-    recompute = config.old_logprobs == "recompute"
-    # With one update per batch, the trainer's own pre-update log-probs are its current ones, detached
-    # (TRL/verl with num_iterations=1); TIS then corrects for the engine/staleness gap.
-    old = logprobs.detach() if recompute else rollout_lp
-    return grpo_loss(
-        logprobs, old, advantages.to(device), mask, config.loss, ref_logprobs=ref_lp,
-        rollout_logprobs=rollout_lp if recompute else None, group_size=group_size, total_tokens=total_tokens,
-    )
+    masks = torch.stack([keep_mask(rollout.kept_indices, total) for rollout in rollouts]).to(device)
+    return kept_mass_loss(scores, masks, advantages[keep].to(device))
 
 
 def all_reduce_step(params: Sequence[torch.nn.Parameter], sums: dict[str, float], maxima: dict[str, float]) -> None:
@@ -156,74 +282,122 @@ def all_reduce_step(params: Sequence[torch.nn.Parameter], sums: dict[str, float]
     maxima.update(zip(names, packed.tolist(), strict=True))
 
 
+def _step_rows(groups: Sequence[TrajectoryGroup], keep: Tensor, pixels: PixelCache) -> list[_Row]:
+    rows, index = [], 0
+    admitted = keep.tolist()
+    for g, group in enumerate(groups):
+        for rollout in group.rollouts:
+            if admitted[index]:
+                rows.append(_Row(index=index, group=g, image=-1, rollout=rollout, pixels=pixels.get(group)))
+            index += 1
+    return rows
+
+
+def _vision_chunks(rows: Sequence[_Row], config: StepConfig, rank: int, world_size: int) -> Iterator[list[_Row]]:
+    """This rank's chunks of micro_batch_groups groups each, every row tagged with its image in the chunk."""
+    group_ids = sorted({row.group for row in rows})
+    for chunk in micro_batches(len(group_ids), config.micro_batch_groups)[rank::world_size]:
+        image_of = {group_ids[i]: image for image, i in enumerate(chunk)}
+        chunk_rows = [row for row in rows if row.group in image_of]
+        for row in chunk_rows:
+            row.image = image_of[row.group]
+        yield chunk_rows
+
+
 def grpo_step(
     policy: torch.nn.Module, reference: torch.nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: Any,
     groups: Sequence[TrajectoryGroup], pixels: PixelCache, config: StepConfig, *, rank: int = 0, world_size: int = 1,
 ) -> dict[str, float]:
     """Advantages -> per-micro-batch loss and backward -> clip -> optimizer and scheduler step; returns metrics.
 
-    With world_size > 1 (torch.distributed initialized), rank r takes micro-batches r, r+W, ...; every loss is
-    already scaled by whole-step totals, so summing gradients over ranks gives the single-process gradient,
+    With world_size > 1 (torch.distributed initialized), rank r takes vision chunks r, r+W, ...; every row's
+    loss weight comes from the whole step, so summing gradients over ranks gives the single-process gradient,
     and every rank then takes the same optimizer step.
     """
     advantages, keep, zero_variance = step_advantages(
         groups, std=config.adv_std, eps=config.adv_eps, drop_zero_variance=config.drop_zero_variance
     )
+    rows = _step_rows(groups, keep, pixels)
+    lengths = torch.tensor([len(row.rollout.completion_token_ids) for row in rows], dtype=torch.float32)
+    weights = row_token_weights(lengths, torch.tensor([row.group for row in rows], dtype=torch.long),
+                                config.loss.normalization, max_completion_len=config.loss.max_completion_len)
+    weight_of = {row.index: float(weight) for row, weight in zip(rows, weights.tolist(), strict=True)}
+    total_tokens = float(lengths.sum())
+    kept_groups = len({row.group for row in rows})
+    param = next(policy.parameters())
+    device = param.device
+    autocast = _autocast(device, config.compute_dtype, param.dtype)
+    use_mass = config.kept_mass_weight > 0 and config.scorer is not None
+    totals = _Totals.zeros(device, ("kept_mass_loss", "kept_share") if config.kept_mass_weight > 0 else ())
+    placeholder = image_token_id(policy)
+    optimizer.zero_grad(set_to_none=True)
+    for chunk_rows in _vision_chunks(rows, config, rank, world_size):
+        chunk_groups = sorted({row.group for row in chunk_rows})
+        chunk = _chunk_inputs(chunk_rows, chunk_groups, device)
+        counts = (chunk.grids_cpu.prod(-1) // int(policy.config.vision_config.spatial_merge_size) ** 2).tolist()
+        chunk.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        with autocast:
+            if config.forward == "batched" or use_mass:
+                _chunk_features(policy, reference, chunk, config)
+            lengths_of = [pruned_length(row.rollout, placeholder) for row in chunk_rows]
+            for batch_indices in token_micro_batches(lengths_of, config.micro_batch_tokens):
+                batch = [chunk_rows[i] for i in batch_indices]
+                tokens = sum(len(row.rollout.completion_token_ids) for row in batch)
+                if tokens == 0:
+                    continue
+                logprobs, mask, ref_lp = _micro_batch_logprobs(policy, reference, batch, chunk, config)
+                width = logprobs.shape[1]
+                recorded, _ = pad_rows([torch.tensor(row.rollout.completion_logprobs, dtype=torch.float32)
+                                        for row in batch], width)
+                rollout_lp = recorded.to(device, non_blocking=True)
+                recompute = config.old_logprobs == "recompute"
+                # With one update per batch, the trainer's own pre-update log-probs are its current ones,
+                # detached (TRL/verl with num_iterations=1); TIS then corrects for the engine/staleness gap.
+                result = grpo_loss(
+                    logprobs, logprobs.detach() if recompute else rollout_lp,
+                    advantages[[row.index for row in batch]].to(device), mask, config.loss, ref_logprobs=ref_lp,
+                    rollout_logprobs=rollout_lp if recompute else None,
+                    row_weights=torch.tensor([weight_of[row.index] for row in batch]).to(device),
+                )
+                result.loss.backward()
+                totals.add(result, tokens / max(total_tokens, 1.0))
+            if use_mass:
+                _kept_mass_terms(policy, groups, chunk_groups, chunk, advantages, keep, config, kept_groups, totals)
+        if chunk.policy_features is not None and chunk.policy_leaf.grad is not None:
+            chunk.policy_features.backward(chunk.policy_leaf.grad)  # the vision tower's one backward
+    return _finish_step(policy, optimizer, scheduler, config, totals, world_size, advantages, {
+        "zero_variance_groups": float(zero_variance), "rows": float(len(rows)), "tokens": total_tokens,
+        "groups": float(len(groups)),
+    })
+
+
+def _kept_mass_terms(
+    policy: torch.nn.Module, groups: Sequence[TrajectoryGroup], chunk_groups: Sequence[int], chunk: _Chunk,
+    advantages: Tensor, keep: Tensor, config: StepConfig, kept_groups: int, totals: _Totals,
+) -> None:
+    """Backward the kept-set term of each of the chunk's groups that has an above-average rollout."""
     offsets = [0]
     for group in groups:
         offsets.append(offsets[-1] + len(group.rollouts))
-    kept_rows = [i for i in range(offsets[-1]) if bool(keep[i])]
-    total_rows = max(len(kept_rows), 1)
-    kept_groups = [g for g in range(len(groups)) if keep[offsets[g]:offsets[g + 1]].any()]
-    flat = [rollout for group in groups for rollout in group.rollouts]
-    total_tokens = float(sum(len(flat[i].completion_token_ids) for i in kept_rows))
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = dict.fromkeys(_LOSS_PARTS, 0.0)
-    if config.kept_mass_weight > 0:
-        sums.update(kept_mass_loss=0.0, kept_share=0.0)
-    means: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)
-    maxima: dict[str, float] = dict.fromkeys(("logprob_diff_max", "is_ratio_max"), float("-inf"))
-    present: dict[str, float] = dict.fromkeys(_TOKEN_MEANS, 0.0)  # which optional diagnostics the loss gave
-    for chunk in micro_batches(len(kept_groups), config.micro_batch_groups)[rank::world_size]:
-        chunk_groups = [kept_groups[i] for i in chunk]
-        rows, row_ids = [], []
-        for g in chunk_groups:
-            for i, rollout in enumerate(groups[g].rollouts):
-                if bool(keep[offsets[g] + i]):
-                    rows.append((rollout, pixels.get(groups[g])))
-                    row_ids.append(offsets[g] + i)
-        tokens = sum(len(rollout.completion_token_ids) for rollout, _ in rows)
-        if tokens == 0:
-            continue
-        sizes = {len(groups[g].rollouts) for g in chunk_groups}
-        group_size = sizes.pop() if len(sizes) == 1 else None
-        result = _micro_batch_loss(
-            policy, reference, rows, advantages[row_ids], config, group_size=group_size, total_tokens=total_tokens
+    for image, g in enumerate(chunk_groups):
+        span = slice(offsets[g], offsets[g + 1])
+        if not bool((advantages[span][keep[span]] > 0).any()):
+            continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
+        mass_loss, kept_share = group_kept_mass_loss(
+            policy, config.scorer, groups[g], chunk, image, advantages[span], keep[span]
         )
-        scale = micro_batch_scale(config.loss.normalization, len(rows), total_rows, len(chunk), len(kept_groups))
-        loss = result.loss * scale
-        if config.kept_mass_weight > 0 and config.scorer is not None:
-            for g in chunk_groups:
-                span = slice(offsets[g], offsets[g + 1])
-                if not bool((advantages[span][keep[span]] > 0).any()):
-                    continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
-                mass_loss, kept_share = group_kept_mass_loss(
-                    policy, config.scorer, groups[g], pixels.get(groups[g]), advantages[span], keep[span]
-                )
-                loss = loss + config.kept_mass_weight * mass_loss / len(kept_groups)
-                sums["kept_mass_loss"] += float(mass_loss.detach()) / len(kept_groups)
-                sums["kept_share"] += float(kept_share) / len(kept_groups)
-        loss.backward()
-        for name in _LOSS_PARTS:
-            sums[name] += float(getattr(result, name).detach()) * scale
-        for name in _TOKEN_MEANS:
-            value = getattr(result, name)
-            if value is not None:
-                means[name] += float(value) * tokens / max(total_tokens, 1.0)
-                present[name] = 1.0
-        for name, so_far in maxima.items():
-            if getattr(result, name) is not None:
-                maxima[name] = max(so_far, float(getattr(result, name)))
+        (config.kept_mass_weight * mass_loss / kept_groups).backward()
+        totals.sums["kept_mass_loss"] += mass_loss.detach().double() / kept_groups
+        totals.sums["kept_share"] += kept_share.double() / kept_groups
+
+
+def _finish_step(
+    policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: StepConfig, totals: _Totals,
+    world_size: int, advantages: Tensor, counts: dict[str, float],
+) -> dict[str, float]:
+    """All-reduce (data parallel), clip, step unless non-finite, and assemble the step's metrics."""
+    sums, means, maxima = totals.to_floats()
+    present = {name: float(name in totals.present) for name in _TOKEN_MEANS}
     params = [p for p in policy.parameters() if p.requires_grad]
     if world_size > 1:
         flags = {f"present:{name}": value for name, value in present.items()}
@@ -245,6 +419,5 @@ def grpo_step(
     return {
         **sums, **means, **maxima, "grad_norm": grad_norm, "lr": lr, "skipped_nonfinite": float(not finite),
         "clip_fraction": means.get("clip_frac_low", 0.0) + means.get("clip_frac_high", 0.0),
-        "zero_variance_groups": float(zero_variance), "rows": float(len(kept_rows)), "tokens": total_tokens,
-        "groups": float(len(groups)), "advantage_abs_mean": float(advantages.abs().mean()) if len(advantages) else 0.0,
+        **counts, "advantage_abs_mean": float(advantages.abs().mean()) if len(advantages) else 0.0,
     }

@@ -42,6 +42,7 @@ from learner.publishing import publish_policy
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
 from services.modeling import load_model_and_processor
+from services.modeling.loading import checkpoint_dtype
 from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
 from services.queues import Entry, StreamQueue, connect_redis
 from services.schemas import DecodeError, TrajectoryGroup, decode
@@ -74,10 +75,11 @@ def step_config(settings: Settings) -> StepConfig:
         max_completion_len=settings.rollout.max_new_tokens,
     )
     return StepConfig(
-        loss=loss, micro_batch_groups=cfg.micro_batch_groups, grad_clip=cfg.grad_clip, adv_std=cfg.adv_std,
-        adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance, old_logprobs=cfg.old_logprobs,
-        kept_mass_weight=cfg.kept_mass_weight,
+        loss=loss, micro_batch_groups=cfg.micro_batch_groups, micro_batch_tokens=cfg.micro_batch_tokens,
+        grad_clip=cfg.grad_clip, adv_std=cfg.adv_std, adv_eps=cfg.adv_eps, drop_zero_variance=cfg.drop_zero_variance,
+        old_logprobs=cfg.old_logprobs, kept_mass_weight=cfg.kept_mass_weight,
         scorer=build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer),
+        compute_dtype=getattr(torch, cfg.dtype),
     )
 
 
@@ -112,11 +114,17 @@ class Trainer:
             torch.set_num_threads(cfg.torch_threads)
         checkpoint, torch_state = self._restore(resume)
         base, load_from = Path(self.state.base_model_path), checkpoint or Path(self.state.base_model_path)
-        dtype = getattr(torch, cfg.dtype)
-        self.policy, self.processor = load_model_and_processor(load_from, dtype, cfg.device)
+        self.publish_dtype = checkpoint_dtype(base)  # what workers load: the checkpoint's own dtype
+        self.policy, self.processor = load_model_and_processor(
+            load_from, getattr(torch, cfg.master_dtype), cfg.device, cfg.vision_attention
+        )
+        if cfg.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.policy.train()  # HF checkpoints only in training mode; Qwen2.5-VL has no dropout to turn on
         self.reference = None
         if cfg.beta > 0:
-            self.reference, _ = load_model_and_processor(base, dtype, cfg.device)
+            self.reference, _ = load_model_and_processor(base, getattr(torch, cfg.dtype), cfg.device,
+                                                         cfg.vision_attention)
             self.reference.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -205,8 +213,7 @@ class Trainer:
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
         """Pixel values and grid of the group's task image, from the model's own image processor."""
         image = open_image(resolve_image(Path(self.image_roots[group.task.id]), group.task.image))
-        pixel_values, image_grid_thw = image_inputs(self.processor, image)
-        return pixel_values.to(self.cfg.device), image_grid_thw.to(self.cfg.device)
+        return image_inputs(self.processor, image)  # CPU; the step moves each vision chunk once
 
     def _group_problem(self, group: TrajectoryGroup) -> str | None:
         """Why a group cannot be replayed on this model, or None when it can."""
@@ -347,6 +354,7 @@ class Trainer:
         """Publish the current policy as the next weight version; returns the seconds it took."""
         version, timings = publish_policy(
             self.policy, self.processor, staging=self.run_dir / "publish-staging", weights_root=self.weights_root,
+            dtype=self.publish_dtype,
             version=self.state.policy_version + 1, learner_step=self.state.step, client=self.client,
             run_name=self.settings.run_name, keep_versions=self.cfg.keep_weight_versions,
         )

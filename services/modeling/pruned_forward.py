@@ -1,4 +1,8 @@
-"""The training forward on pruned visual tokens: the HF Qwen2.5-VL, fed exactly what vLLM saw.
+"""The one-rollout-at-a-time pruned forward: the HF Qwen2.5-VL, fed exactly what vLLM saw.
+
+The learner runs ``services.modeling.batched_forward`` (many rollouts per pass, one vision pass per image);
+this module keeps the plain per-rollout version as the readable reference that the batched path is tested
+against, plus the pieces both share (``embed_full_sequence`` also feeds the scorers).
 
 Inference consistency is the whole point (DESIGN.md, "Train on the same tokens"). The patched vLLM
 model (``services.vllm_plugin``) keeps visual tokens ``kept_indices`` and gives each its original
@@ -201,27 +205,3 @@ def image_inputs(processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor
     """Pixel values (patches, C*T*P*P) and image_grid_thw (1, 3) of one image, as the HF processor makes them."""
     encoded = processor.image_processor(images=[image], return_tensors="pt")
     return encoded["pixel_values"], encoded["image_grid_thw"]
-
-
-def replay_logprobs(
-    model: torch.nn.Module,
-    processor: Any,
-    image: Any,
-    prompt_token_ids: Sequence[int],
-    completion_token_ids: Sequence[int],
-    kept_indices: Sequence[int],
-) -> torch.Tensor:
-    """Training log-probs of a recorded rollout (e.g. a wire ``Rollout``): (len(completion),), differentiable."""
-    if not completion_token_ids:
-        raise ValueError("completion_token_ids is empty: nothing to score")
-    pixel_values, image_grid_thw = image_inputs(processor, image)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(prompt_token_ids) + list(completion_token_ids)], device=device)
-    return pruned_completion_logprobs(
-        model,
-        input_ids,
-        pixel_values.to(device),
-        image_grid_thw.to(device),
-        kept_indices,
-        len(completion_token_ids),
-    )

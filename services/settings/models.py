@@ -147,7 +147,22 @@ class LearnerSettings(StrictModel):
     epochs: int = Field(1, ge=1, description="Passes over the datasets (each epoch reshuffled by seed + epoch).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: epochs decide).")
     groups_per_step: int = Field(8, ge=1, description="Trajectory groups (prompts) per optimizer step.")
-    micro_batch_groups: int = Field(2, ge=1, description="Groups per forward/backward pass (grad accumulation).")
+    micro_batch_groups: int = Field(
+        2, ge=1, description="Groups whose images go through the vision tower together (once per group: its G "
+        "rollouts share the features); their vision graph is held until their rows are trained.",
+    )
+    micro_batch_tokens: int = Field(
+        16_384, ge=1, description="Padded tokens (rows x longest pruned row) per batched LLM forward/backward; "
+        "bounds activation memory whatever G is (a longer row runs alone).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's and vision block's activations in the backward "
+        "(less memory, about a third more compute).",
+    )
+    vision_attention: Literal["packed", "per_window"] = Field(
+        "packed", description="Vision-tower window attention: one call per window size (packed) or HF's one "
+        "call per window (per_window, the fallback). Flash attention, when installed, is used as it is.",
+    )
     learning_rate: float = Field(1e-5, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -190,7 +205,14 @@ class LearnerSettings(StrictModel):
     )
     seed: int = Field(0, description="Seed of torch/numpy/python RNGs and of the dataset shuffle.")
     device: str = Field("cpu", description="Torch device of the policy and the reference ('cpu', 'cuda').")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the learner's passes (bfloat16 on GPUs: autocast over the master "
+        "weights); the frozen reference is held in it.",
+    )
+    master_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the trainable weights and optimizer state; float32 keeps updates that "
+        "bf16 weights would round away. Published weights keep the checkpoint's own dtype.",
+    )
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (bit-exact CPU resume).")
     torch_threads: int = Field(
         0, ge=0, description="CPU threads of torch ops; 0 keeps torch's default (1 avoids spin under CPU contention)."

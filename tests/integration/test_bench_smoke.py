@@ -48,9 +48,12 @@ def test_pruning_bench_quick_mode_writes_results(tmp_path: Path) -> None:
     assert written["vs_dense"]["r=0.25"]["visual_kv_saving"] == 4.0
 
 
-def test_learner_step_bench_quick_mode_times_both_conditions(tmp_path: Path) -> None:
+def test_learner_step_bench_quick_mode_times_all_conditions(tmp_path: Path) -> None:
     result = run_quick_bench("bench/learner_step.py", tmp_path, timeout=300)
     written = json.loads((tmp_path / "learner_step.json").read_text())
-    assert [row["condition"] for row in written["results"]] == ["GRPO only", "GRPO + kept-set term"]
-    assert all(row["step_s_mean"] > 0 and len(row["step_s"]) == 2 for row in written["results"])
-    assert written["results"][0]["ratio_to_grpo_only"] == 1.0 and "× GRPO only" in result.stdout
+    assert [row["condition"] for row in written["results"]] == [
+        "per-rollout (old path)", "batched (new path)", "batched, GRPO only (kept_mass_weight 0)"]
+    assert all(row["step_s_mean"] > 0 and len(row["step_s"]) == 2 and row["peak_rss_mb_above_start_max"] >= 0
+               for row in written["results"])
+    assert written["results"][0]["ratio_to_old_path"] == 1.0 and written["speedup_new_vs_old"] > 0
+    assert "× old path" in result.stdout

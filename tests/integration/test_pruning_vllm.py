@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 from services.modeling import build_prompt, build_tiny_model, load_model_and_processor
+from services.modeling.batched_forward import RowSpec, replay_logprobs, rows_completion_logprobs
 from services.modeling.pruned_forward import (
+    image_inputs,
     pruned_completion_logits,
     pruned_completion_logprobs,
-    replay_logprobs,
 )
 from services.rollout.pruned import PrunedRequest, engine_request, pruned_rollouts
 from services.schemas.models import Budget
@@ -140,15 +141,23 @@ def test_vllm_logprobs_match_the_training_forward_at_every_keep_ratio(hf: tuple,
     requests = _requests(prompts, temperature=1.0)
     rollouts = pruned_rollouts(llm, model, processor, TextAttentionScorer(layer=2), requests, None)
     deltas: dict[float, list[float]] = {ratio: [] for ratio in KEEP_RATIOS}
+    # The learner's own path: every budget's rollout of an image in one batch over one vision pass per image.
+    image_of = {id(image): index for index, (image, _) in enumerate(prompts)}
+    rows = []
     for request, rollout in zip(requests, rollouts):
         total = rollout.visual_tokens_total
         assert rollout.visual_tokens_kept == max(1, math.ceil(request.budget.value * total - 1e-9))
         assert rollout.engine_prompt_token_ids.count(model.config.image_token_id) == rollout.visual_tokens_kept
         wire = rollout.to_wire(task_id="t", rollout_index=0, policy_version=0)  # what the learner receives
-        with torch.no_grad():
-            recomputed = replay_logprobs(model, processor, request.image, wire.prompt_token_ids,
-                                         wire.completion_token_ids, wire.kept_indices)
-        delta = (recomputed - torch.tensor(rollout.completion_logprobs)).abs()
+        rows.append(RowSpec(wire.prompt_token_ids, wire.completion_token_ids, wire.kept_indices,
+                            image_of[id(request.image)]))
+    inputs = [image_inputs(processor, image) for image, _ in prompts]
+    with torch.no_grad():
+        recomputed, mask = rows_completion_logprobs(model, rows, torch.cat([p for p, _ in inputs]),
+                                                    torch.cat([g for _, g in inputs]))
+    for row, (request, rollout) in enumerate(zip(requests, rollouts)):
+        assert int(mask[row].sum()) == len(rollout.completion_logprobs)
+        delta = (recomputed[row, :len(rollout.completion_logprobs)] - torch.tensor(rollout.completion_logprobs)).abs()
         deltas[request.budget.value].extend(delta.tolist())
     report = {r: (max(d), sum(d) / len(d)) for r, d in deltas.items()}
     print("\nlog-prob |delta| per keep ratio (max, mean):", json.dumps(report))

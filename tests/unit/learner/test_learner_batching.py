@@ -1,17 +1,18 @@
-"""Pure batching helpers: padding, micro-batch loss scaling, per-group advantages, rollout statistics."""
+"""Pure batching helpers: padding, micro-batches (of groups and of tokens), whole-step row weights, per-group
+advantages, rollout statistics."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from learner.algorithms import LossConfig, group_advantages, grpo_loss
+from learner.algorithms import LossConfig, group_advantages, grpo_loss, row_token_weights
 from learner.batching import (
-    micro_batch_scale,
     micro_batches,
     pad_rows,
     rollout_statistics,
     step_advantages,
+    token_micro_batches,
 )
 from learner.recorded import recorded_reward
 from services.schemas import Budget, Rollout, Task, TrajectoryGroup
@@ -50,9 +51,41 @@ def test_micro_batches_cover_every_group_once() -> None:
         micro_batches(3, 0)
 
 
+def test_token_micro_batches_cover_every_row_once_longest_first_within_the_budget() -> None:
+    assert token_micro_batches([3, 9, 5, 9, 1], 20) == [[1, 3], [2, 0, 4]]  # ties keep row order
+    assert token_micro_batches([30, 4, 4], 10) == [[0], [1, 2]]  # too long for the budget: alone
+    assert token_micro_batches([], 8) == []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(0, 40, (int(torch.randint(1, 30, (1,), generator=generator)),),
+                                generator=generator).tolist()
+        max_tokens = int(torch.randint(1, 120, (1,), generator=generator))
+        batches = token_micro_batches(lengths, max_tokens)
+        assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+        flat = [lengths[index] for batch in batches for index in batch]
+        assert flat == sorted(lengths, reverse=True)  # longest first, within and across micro-batches
+        for batch in batches:
+            longest = max(lengths[index] for index in batch)
+            assert lengths[batch[0]] == longest
+            assert len(batch) == 1 or len(batch) * longest <= max_tokens
+    for max_tokens in (0, -3):
+        with pytest.raises(ValueError, match="max_tokens"):
+            token_micro_batches([1, 2], max_tokens)
+
+
+# Row micro-batches: whole groups, groups cut in two, uneven sizes, a shuffled order, one row each.
+ROW_SPLITS = {
+    "whole groups": [range(4), range(4, 8), range(8, 12)],
+    "cut groups": [range(3), range(3, 9), range(9, 12)],
+    "uneven": [range(1), range(1, 11), range(11, 12)],
+    "shuffled": [[7, 0, 11], [3, 5], [1, 2, 4, 6, 8, 9, 10]],
+    "one row each": [[row] for row in range(12)],
+}
+
+
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "group_token_mean", "sum_over_max_len"])
-@pytest.mark.parametrize("groups_per_micro_batch", [1, 2, 3])
-def test_scaled_micro_batch_losses_add_up_to_the_whole_batch(normalization: str, groups_per_micro_batch: int) -> None:
+@pytest.mark.parametrize("split", list(ROW_SPLITS))
+def test_row_weighted_micro_batch_losses_add_up_to_the_whole_batch(normalization: str, split: str) -> None:
     generator = torch.Generator().manual_seed(0)
     num_groups, group_size, width = 3, 4, 6
     rows = num_groups * group_size
@@ -60,6 +93,7 @@ def test_scaled_micro_batch_losses_add_up_to_the_whole_batch(normalization: str,
     old = torch.randn(rows, width, generator=generator).clamp(max=0) - 0.1
     ref = torch.randn(rows, width, generator=generator).clamp(max=0) - 0.1
     lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    lengths[5] = 0  # an empty completion
     mask = torch.arange(width)[None] < lengths[:, None]
     advantages = torch.randn(rows, generator=generator)
     config = LossConfig(normalization=normalization, max_completion_len=width, beta=0.1, tis_cap=None)
@@ -67,14 +101,16 @@ def test_scaled_micro_batch_losses_add_up_to_the_whole_batch(normalization: str,
     whole = grpo_loss(-logits.exp(), old, advantages, mask, config, ref_logprobs=ref, group_size=group_size)
     (whole_grad,) = torch.autograd.grad(whole.loss, logits)
 
+    group_index = torch.arange(rows) // group_size
+    weights = row_token_weights(lengths, group_index, normalization, max_completion_len=width)
+    parts = ROW_SPLITS[split]
+    assert sorted(row for part in parts for row in part) == list(range(rows))
     total = torch.zeros(())
-    total_tokens = float(mask.sum())
-    for chunk in micro_batches(num_groups, groups_per_micro_batch):
-        sl = slice(chunk.start * group_size, chunk.stop * group_size)
-        part = grpo_loss(-logits[sl].exp(), old[sl], advantages[sl], mask[sl], config, ref_logprobs=ref[sl],
-                         group_size=group_size, total_tokens=total_tokens)
-        total = total + part.loss * micro_batch_scale(normalization, sl.stop - sl.start, rows, len(chunk),
-                                                      num_groups)
+    for part in parts:
+        index = torch.tensor(list(part))
+        result = grpo_loss(-logits[index].exp(), old[index], advantages[index], mask[index], config,
+                           ref_logprobs=ref[index], row_weights=weights[index])
+        total = total + result.loss
     (parts_grad,) = torch.autograd.grad(total, logits)
     assert torch.allclose(total, whole.loss, atol=1e-6)
     assert torch.allclose(parts_grad, whole_grad, atol=1e-6)
