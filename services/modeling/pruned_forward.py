@@ -4,7 +4,7 @@ The learner runs ``services.modeling.batched_forward`` (many rollouts per pass, 
 this module keeps the plain per-rollout version as the readable reference that the batched path is tested
 against, plus the pieces both share (``embed_full_sequence`` also feeds the scorers).
 
-Inference consistency is the whole point (DESIGN.md, "Train on the same tokens"). The patched vLLM
+Inference consistency is the whole point (docs/architecture.md, "Inference consistency"). The patched vLLM
 model (``services.vllm_plugin``) keeps visual tokens ``kept_indices`` and gives each its original
 M-RoPE (t, h, w) coordinates; the text after the image continues from the *unpruned* grid (as if the
 pruned tokens were still there, invisible). Here we build the same sequence in three steps:

@@ -1,6 +1,6 @@
 """Budgeted selection of visual tokens: pure functions from importance scores to sorted kept indices.
 
-Two budgets (DESIGN.md, "Token pruning, implemented once", step 2):
+Two budgets (docs/architecture.md, "Two-phase pruning", step 2):
 - ``KeepRatio(r)`` keeps the top ``ceil(r * N)`` tokens, never fewer than one.
 - ``MassThreshold(tau)`` keeps the smallest set whose normalized scores sum to at least ``tau``; the
   count adapts to how peaked the scores are (our once-before-the-LLM version of ZipVL's top-p).
