@@ -16,7 +16,8 @@ FLOP model (per sequence forward; a training pass counts 3x, the reference 1x):
   lm_head = 2*D*V*C                                                 (completion rows only, as the code runs it)
   step    = 4*vision per group + sum over rollouts of 4*(llm + lm_head)
   MFU = step FLOPs / step seconds / 790e12 (H200 dense bf16); padding rows are not counted as useful FLOPs.
-Run: `python bench/gpu_learner.py` (writes bench/results/gpu_learner.json); `--tiny` runs toy shapes on any device.
+Run: `python bench/gpu_learner.py` (writes bench/results/gpu_learner.json); `--tiny` runs toy shapes on any device,
+`--quick` (tiny, one repeat) is the test suite's smoke run.
 """
 
 from __future__ import annotations
@@ -448,12 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sections that fit in the time budget; print progress and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (a smoke run on any device)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/gpu_learner.json")
+    parser.add_argument("--quick", action="store_true", help="--tiny, one repeat, no warm-up: the smoke test")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "bench/results")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: <results-dir>/gpu_learner.json)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=270.0, help="sections past this many seconds are skipped")
     parser.add_argument("--sections", default="a,b", help="comma list of a (step, update survival) and b (passes)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tiny, args.repeats, args.warmup = True, 1, 0
+    args.out = args.out or args.results_dir / "gpu_learner.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.image_wh = (224, 224) if args.tiny else (1344, 1008)
     args.question_tokens, args.completion_tokens = 40, (8 if args.tiny else 64)

@@ -13,8 +13,8 @@ Each side's clock starts when it can generate (TRL: on_train_begin; ours: the ro
 learner are both up); start-up is reported apart. Peak memory is the summed PSS of each side's process tree.
 
 Every side reads one snapshot of the model and of the train tasks, taken at the start.
-The train split is generated with a question mix the base model has not mastered (default: scenes asking for
-an object by its content), so every side has something to learn. Goals (ratios from the same run): ours-dense
+The train split is generated with a question mix the base model has not mastered (default: scene `is_at`
+yes/no questions, 70% right when sampled at temperature 1), so every side has something to learn. Goals (ratios from the same run): ours-dense
 trained rollouts/s >= 2x TRL's; TRL's smoothed accuracy rises by >= 10 points (else the next ratio measures
 nothing); time for ours-dense to reach TRL's final training accuracy <= 0.5x TRL's training wall time. The dense run is profiled with py-spy (20 Hz, non-blocking);
 bench/README.md has the results and the profile's verdict.
@@ -267,9 +267,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trl-threads", default="1,2",
                         help="torch thread counts to run TRL with (comma-separated); the fastest run is the reference")
     parser.add_argument("--family", default="scenes", help="task family the train split is generated from")
-    parser.add_argument("--question-mix", default="count=1,shape=1,colour=1",
-                        help="question kinds of the generated train split (a mix the base model has not mastered, "
-                             "so every side has something to learn); '' uses learner.datasets[0] as it is")
+    parser.add_argument("--question-mix", default="is_at=1",
+                        help="question kinds of the generated train split: one the base model has not mastered but "
+                             "sometimes gets right (is_at: 70%% sampled at T=1), so every side has something to "
+                             "learn; '' uses learner.datasets[0] as it is")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders, logs and profiles here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

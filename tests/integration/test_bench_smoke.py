@@ -57,3 +57,16 @@ def test_learner_step_bench_quick_mode_times_all_conditions(tmp_path: Path) -> N
                for row in written["results"])
     assert written["results"][0]["ratio_to_old_path"] == 1.0 and written["speedup_new_vs_old"] > 0
     assert "× old path" in result.stdout
+
+
+def test_gpu_learner_bench_quick_mode_runs_every_section_on_toy_shapes(tmp_path: Path) -> None:
+    run_quick_bench("bench/gpu_learner.py", tmp_path, timeout=600)
+    written = json.loads((tmp_path / "gpu_learner.json").read_text())
+    assert written["errors"] == {} and written["config"]["tiny"]
+    step = written["a_grpo_step"]
+    assert step["batched_G8"]["step"]["median_s"] > 0 and step["per_rollout_G4_old_path"]["group_size"] == 4
+    survival = written["c_update_survival"]
+    assert (survival["fp32_master_bf16_autocast"]["fraction_changed_where_grad_nonzero"]
+            > survival["bf16_weights_in_place"]["fraction_changed_where_grad_nonzero"])
+    assert set(written["b_pruned_forward_backward"]["per_keep_ratio"]) == {"r=1", "r=0.5", "r=0.25", "r=0.125"}
+    assert written["d_vision_attention"]["speedup_packed"] > 0
