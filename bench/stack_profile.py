@@ -42,16 +42,19 @@ ENGINE_CORE_PHASES = [  # the engine core schedules and hands batches to the wor
 
 
 def learner_phases(step_source: Path) -> list[tuple[str, Any]]:
-    """py-spy phase matchers for the learner actor (the reference forward is found by its line in learner/step.py)."""
+    """py-spy phase matchers for the learner actor (the reference forward is found by its lines in learner/step.py)."""
     lines = step_source.read_text().splitlines()
-    ref_lines = [f"step.py:{i}" for i, text in enumerate(lines, 1) if "rollout_logprobs(reference" in text]
+    ref_lines = [f"step.py:{i}" for i, text in enumerate(lines, 1)
+                 if "(reference," in text and ("logprobs(" in text or "image_features(" in text)]
     return [
         ("weight publish", any_frame("publish_policy")), ("checkpoint", any_frame("save_checkpoint")),
-        ("reference forward (no grad)", lambda frames: any("_micro_batch_loss" in f and any(r in f for r in ref_lines)
-                                                          for f in frames)),
+        ("reference forward (no grad)", lambda frames: any(("_micro_batch_logprobs" in f or "_chunk_features" in f)
+                                                          and any(r in f for r in ref_lines) for f in frames)),
         ("backward", any_frame("backward (", "_engine_run_backward")),
+        ("kept-set term (scorer pass)", any_frame("_kept_mass_terms")),
         ("policy forward: vision tower", any_frame("image_features")),
-        ("policy forward: LLM + log-probs", any_frame("decoder_logits", "pruned_completion_logprobs")),
+        ("policy forward: LLM + log-probs", any_frame("batched_completion_logprobs", "pruned_completion_logprobs")),
+        ("planning batches (CPU)", any_frame("plan_batch")),
         ("optimizer + grad clip", any_frame("clip_grad_norm_", "optimizer.py", "adamw.py")),
         ("pixel inputs (image processor)", any_frame("_pixel_inputs")),
         ("collecting groups (Redis, decode)", any_frame("collect_batch")),
