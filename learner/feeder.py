@@ -104,6 +104,20 @@ def load_tasks(paths: Sequence[Path], bad_lines: list[BadLine] | None = None) ->
     return tasks
 
 
+def run_ahead_limit(max_groups_in_flight: int | None, groups_per_step: int, max_staleness: int) -> int:
+    """Most groups fed but not yet trained: the setting, or groups_per_step x max(1, max_staleness)."""
+    return max_groups_in_flight or groups_per_step * max(1, max_staleness)
+
+
+def fill_target(limit: int, task_queue_fill: int, untrained_groups: int) -> int:
+    """How many entries the tasks stream may hold now: within task_queue_fill and what the limit leaves.
+
+    untrained_groups: groups generated and waiting for the learner. The tasks stream's own entries (waiting or
+    in a worker's hands) count against the limit through the stream's depth, which `TaskFeeder.fill` subtracts.
+    """
+    return max(0, min(task_queue_fill, limit - untrained_groups))
+
+
 class TaskFeeder:
     """Produce TaskMessages epoch by epoch and top the tasks stream up to a fill level."""
 

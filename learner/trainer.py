@@ -36,7 +36,7 @@ from learner.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from learner.feeder import BadLine, TaskFeeder, load_tasks
+from learner.feeder import BadLine, TaskFeeder, fill_target, load_tasks, run_ahead_limit
 from learner.progress import format_step
 from learner.publishing import publish_policy
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
@@ -164,6 +164,8 @@ class Trainer:
                 self._roll_back_log()
             self._catch_up_version()
         self.telemetry.weights.policy_version.labels("learner").set(self.state.policy_version)
+        self.run_ahead_limit = run_ahead_limit(cfg.max_groups_in_flight, cfg.groups_per_step, cfg.max_staleness)
+        self.telemetry.learner.groups_in_flight_limit.set(self.run_ahead_limit)
 
     def _restore(self, resume: bool) -> tuple[Path | None, dict]:
         """Set self.state from the latest checkpoint (when resuming and there is one) or afresh."""
@@ -231,6 +233,13 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------------------------------ collecting
+    def _feed(self) -> None:
+        """Top the tasks stream up, but never past the run-ahead limit of groups fed and not yet trained."""
+        untrained = max(0, self.trajectories.depth() - len(self.held))  # held entries are trained, unacked
+        target = fill_target(self.run_ahead_limit, self.cfg.task_queue_fill, untrained)
+        self.feeder.fill(self.tasks_queue, target, self.settings.queues.codec)
+        self.telemetry.learner.groups_in_flight.set(self.tasks_queue.depth() + untrained)
+
     def _drained(self, batch: Batch) -> bool:
         """Every task of every epoch is enqueued, none is waiting or in a worker's hands (each became a group
         or a dead letter), and the trajectories stream holds no group beyond the ones this learner holds."""
@@ -281,7 +290,7 @@ class Trainer:
         """Block until groups_per_step usable groups arrive (fewer at the end of the data or on idle timeout)."""
         batch, idle_since = Batch(), time.monotonic()
         while len(batch.groups) < self.cfg.groups_per_step:
-            self.feeder.fill(self.tasks_queue, self.cfg.task_queue_fill, self.settings.queues.codec)
+            self._feed()
             self.trajectories.touch([*self.held, *batch.entries])  # ours: no XAUTOCLAIM may take them back
             wanted = self.cfg.groups_per_step - len(batch.groups)
             entries, self.recovered = self.recovered[:wanted], self.recovered[wanted:]

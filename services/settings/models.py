@@ -218,6 +218,11 @@ class LearnerSettings(StrictModel):
         0, ge=0, description="CPU threads of torch ops; 0 keeps torch's default (1 avoids spin under CPU contention)."
     )
     task_queue_fill: int = Field(64, ge=1, description="Keep up to this many tasks waiting on the tasks stream.")
+    max_groups_in_flight: int | None = Field(
+        None, ge=1, description="Run-ahead bound: tasks fed but not yet trained (waiting, in a worker's hands, or "
+        "generated and waiting for the learner). None: groups_per_step x max(1, max_staleness), so what workers "
+        "make is trained within the staleness bound instead of going stale.",
+    )
     idle_timeout_s: float = Field(
         0.0, ge=0, description="Stop when no trajectory group arrives for this long; 0 waits forever."
     )

@@ -59,6 +59,8 @@ class LearnerMetrics:
     policy_version_lag: Histogram
     zero_variance_groups: Counter
     stale_groups_dropped: Counter
+    groups_in_flight: Gauge
+    groups_in_flight_limit: Gauge
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,10 @@ class Telemetry:
                                          registry=r),
             stale_groups_dropped=Counter("sf_stale_groups_dropped", "Groups dropped as too stale.",
                                          registry=r),
+            groups_in_flight=Gauge("sf_learner_groups_in_flight", "Tasks fed and not yet trained: waiting, in a "
+                                   "worker's hands, or generated and waiting for the learner.", registry=r),
+            groups_in_flight_limit=Gauge("sf_learner_groups_in_flight_limit", "The run-ahead bound on "
+                                         "sf_learner_groups_in_flight (learner.max_groups_in_flight).", registry=r),
         )
 
     @cached_property

@@ -271,3 +271,26 @@ def test_every_loss_variant_takes_a_finite_step(tmp_path: Path, redis_settings, 
     if knobs.get("old_logprobs") == "rollout":
         assert "is_truncated_frac" not in record  # no TIS: the ratio itself is taken against the rollout
     trainer.close()
+
+
+def test_feeding_stops_at_the_run_ahead_limit_of_untrained_groups(tmp_path: Path, redis_settings, recorded) -> None:
+    _model_dir, _dataset, groups = recorded
+    # groups_per_step 2 x max_staleness 2: at most 4 groups fed and not yet trained, whatever task_queue_fill says.
+    settings = make_settings(redis_settings, tmp_path / "run-ahead", recorded, max_staleness=2, task_queue_fill=32)
+    telemetry = Telemetry("learner")
+    trainer = Trainer(settings, telemetry=telemetry)
+    tasks = StreamQueue(connect_redis(settings.redis), settings.queues.tasks_stream, settings.queues)
+    trainer._feed()
+    assert tasks.depth() == 4
+    put_groups(settings, groups[:3])  # three groups generated and waiting for the learner
+    tasks.client.delete(settings.queues.tasks_stream)  # the workers took the four tasks and made groups of them
+    trainer._feed()
+    assert tasks.depth() == 1  # 3 untrained + 1 fed = the limit
+    exposition = telemetry.exposition().decode()
+    assert "sf_learner_groups_in_flight 4.0" in exposition and "sf_learner_groups_in_flight_limit 4.0" in exposition
+    batch = trainer.collect_batch()  # trains nothing yet: taking groups does not free credits until trained
+    assert len(batch.groups) == 2 and tasks.depth() == 1
+    trainer.train_on(batch)  # trained (held until the checkpoint acks them): two credits come back
+    trainer._feed()
+    assert tasks.depth() == 3
+    trainer.close()

@@ -106,3 +106,15 @@ def test_bad_lines_are_returned_with_their_reasons_or_refused_by_file_and_line(t
     with pytest.raises(DatasetError) as refused:  # without a list to collect them, the file is refused
         load_tasks([path])
     assert len(refused.value.errors) == 7 and f"{path}:6: not UTF-8 text" in str(refused.value)
+
+
+def test_run_ahead_limit_and_fill_target() -> None:
+    from learner.feeder import fill_target, run_ahead_limit
+
+    assert run_ahead_limit(None, groups_per_step=8, max_staleness=2) == 16
+    assert run_ahead_limit(None, groups_per_step=8, max_staleness=0) == 8  # a step's worth even with no staleness
+    assert run_ahead_limit(5, groups_per_step=8, max_staleness=2) == 5
+    assert fill_target(16, task_queue_fill=32, untrained_groups=0) == 16
+    assert fill_target(16, task_queue_fill=4, untrained_groups=0) == 4
+    assert fill_target(16, task_queue_fill=32, untrained_groups=12) == 4
+    assert fill_target(16, task_queue_fill=32, untrained_groups=20) == 0
