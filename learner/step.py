@@ -20,6 +20,7 @@ Every row's loss weight comes from the whole step (`row_token_weights`), so micr
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,12 @@ from torch import Tensor
 
 from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, row_token_weights
 from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
-from services.modeling.batched_forward import RowSpec, batched_completion_logprobs, plan_batch
+from services.modeling.batched_forward import (
+    RowSpec,
+    batched_completion_logprobs,
+    plan_batch,
+    visual_token_counts,
+)
 from services.modeling.pruned_forward import (
     expand_placeholders,
     image_features,
@@ -154,6 +160,7 @@ class _Totals:
 
     @classmethod
     def zeros(cls, device: torch.device, extra_sums: Sequence[str]) -> _Totals:
+        """Empty totals on the device, with extra summed parts (the kept-set term's)."""
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return cls(sums={name: zero.clone() for name in (*_LOSS_PARTS, *extra_sums)},
                    means={name: zero.clone() for name in _TOKEN_MEANS},
@@ -161,6 +168,7 @@ class _Totals:
                            for name in _MAXIMA})
 
     def add(self, result: Any, token_share: float) -> None:
+        """Fold one micro-batch's LossResult in; token means weigh by the micro-batch's share of tokens."""
         for name in _LOSS_PARTS:
             self.sums[name] += getattr(result, name).detach()
         for name in _TOKEN_MEANS:
@@ -174,6 +182,7 @@ class _Totals:
                 self.maxima[name] = torch.maximum(self.maxima[name], value.detach().double())
 
     def to_floats(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """(sums, means, maxima) as floats, read from the device in one transfer."""
         names = [*self.sums, *self.means, *self.maxima]
         values = torch.stack([*self.sums.values(), *self.means.values(), *self.maxima.values()]).tolist()
         merged = dict(zip(names, values, strict=True))
@@ -188,12 +197,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None, param_dtype: torc
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _chunk_inputs(rows: Sequence[_Row], group_ids: Sequence[int], device: torch.device) -> _Chunk:
+def _chunk_inputs(
+    policy: torch.nn.Module, rows: Sequence[_Row], group_ids: Sequence[int], device: torch.device
+) -> _Chunk:
     """Concatenate the chunk's images (one per group, in group order) and move them to the device."""
     first = {row.group: row for row in reversed(rows)}
     pixel_values = torch.cat([first[g].pixels[0] for g in group_ids]).to(device, non_blocking=True)
     grids = torch.cat([first[g].pixels[1] for g in group_ids]).cpu()
-    return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids)
+    offsets = [0, *itertools.accumulate(visual_token_counts(policy.config, grids))]
+    return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids, offsets=offsets)
 
 
 def _chunk_features(
@@ -333,9 +345,7 @@ def grpo_step(
     optimizer.zero_grad(set_to_none=True)
     for chunk_rows in _vision_chunks(rows, config, rank, world_size):
         chunk_groups = sorted({row.group for row in chunk_rows})
-        chunk = _chunk_inputs(chunk_rows, chunk_groups, device)
-        counts = (chunk.grids_cpu.prod(-1) // int(policy.config.vision_config.spatial_merge_size) ** 2).tolist()
-        chunk.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        chunk = _chunk_inputs(policy, chunk_rows, chunk_groups, device)
         with autocast:
             if config.forward == "batched" or use_mass:
                 _chunk_features(policy, reference, chunk, config)
