@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,20 +35,22 @@ class PublishTimings:
 def publish_policy(
     model: torch.nn.Module, processor: Any, *, staging: Path, weights_root: Path, version: int, learner_step: int,
     client: redis.Redis | None, run_name: str, keep_versions: int = 3, dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> tuple[WeightVersion, PublishTimings]:
     """Save the model (+ processor files, so vLLM loads the folder) as version `version` and announce it.
 
     dtype: what the published tensors are cast to (the checkpoint's own dtype when the learner trains fp32
-    master weights for a bf16 checkpoint); None keeps the model's.
+    master weights for a bf16 checkpoint); None keeps the model's. state_dict: a snapshot to save instead of
+    the model's live tensors (``weights_snapshot``), so training can go on while this runs on another thread.
     """
     started = time.perf_counter()
     shutil.rmtree(staging, ignore_errors=True)
-    state_dict = None
-    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        state_dict = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-                      for name, tensor in model.state_dict().items()}
+    if state_dict is None and dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        state_dict = weights_snapshot(model, dtype)
+    if state_dict is not None:
+        state_dict = {name: tensor.cpu() for name, tensor in state_dict.items()}  # safetensors writes host memory
     model.save_pretrained(staging, state_dict=state_dict)
-    if state_dict is not None:  # save_pretrained writes the model's own dtype; say what the files hold
+    if dtype is not None and state_dict is not None:  # save_pretrained writes the model's own dtype
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         for key in ("dtype", "torch_dtype"):
@@ -73,3 +77,44 @@ def prune_versions(weights_root: Path, keep: int) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def weights_snapshot(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the model's state dict on its own device (floating tensors cast to dtype): the one extra copy a
+    publish makes, taken in one fast device copy so the step can go on while the copy is written out."""
+    return {name: tensor.detach().to(dtype=dtype if dtype is not None and tensor.is_floating_point()
+                                     else tensor.dtype, copy=True)
+            for name, tensor in model.state_dict().items()}
+
+
+class BackgroundPublisher:
+    """Runs publishes on one background thread, in order, at most one at a time.
+
+    The learner's step hands over a snapshot and goes on; it waits only when the previous publish is still
+    running (so versions never reorder and at most one snapshot is held). A publish that failed raises on the
+    next ``submit`` or ``wait``, so a broken publish path stops the run instead of going unnoticed.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self._pending: Future | None = None
+
+    def submit(self, publish: Callable[[], Any]) -> float:
+        """Wait for the previous publish (re-raising its error), start this one; returns the seconds waited."""
+        waited = self.wait()[1]
+        self._pending = self._executor.submit(publish)
+        return waited
+
+    def wait(self) -> tuple[Any, float]:
+        """Block until the running publish (if any) is done; returns its result and the seconds waited."""
+        started = time.perf_counter()
+        pending, self._pending = self._pending, None
+        result = pending.result() if pending is not None else None
+        return result, time.perf_counter() - started
+
+    def close(self) -> None:
+        """Finish the running publish and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)

@@ -393,6 +393,11 @@ def _kept_mass_terms(
         span = slice(offsets[g], offsets[g + 1])
         if not bool((advantages[span][keep[span]] > 0).any()):
             continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
+        admitted = [r for r, kept in zip(groups[g].rollouts, keep[span].tolist(), strict=True) if kept]
+        if all(len(r.kept_indices) == r.visual_tokens_total for r in admitted):
+            # Every keep set is the whole image: each share is exactly 1, so the loss and its gradient are 0.
+            totals.sums["kept_share"] += 1.0 / kept_groups
+            continue
         mass_loss, kept_share = group_kept_mass_loss(
             policy, config.scorer, groups[g], chunk, image, advantages[span], keep[span]
         )

@@ -38,14 +38,14 @@ from learner.checkpoint import (
 )
 from learner.feeder import BadLine, TaskFeeder, fill_target, load_tasks, run_ahead_limit
 from learner.progress import format_step
-from learner.publishing import publish_policy
+from learner.publishing import BackgroundPublisher, publish_policy, weights_snapshot
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
 from services.modeling import load_model_and_processor
 from services.modeling.loading import checkpoint_dtype
 from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
 from services.queues import Entry, StreamQueue, connect_redis
-from services.schemas import DecodeError, TrajectoryGroup, decode
+from services.schemas import DecodeError, TrajectoryGroup, WeightVersion, decode
 from services.settings.models import Settings
 from services.sparsity.scorers import build_scorer
 from services.telemetry import Telemetry
@@ -151,6 +151,7 @@ class Trainer:
             self.client, queues.trajectories_stream, queues, group="learner",
             consumer=f"learner-{settings.run_name}", metrics=self.telemetry.queue,
         )
+        self.publisher = BackgroundPublisher()
         self.log_path = self.run_dir / "metrics.jsonl"
         self._checkpointed_step = self.state.step if checkpoint is not None else -1
         self.held: list[Entry] = []  # trained entries, acked once a checkpoint holds their step
@@ -210,6 +211,7 @@ class Trainer:
                         extra={"announced": announced.version, "checkpoint_version": self.state.policy_version})
             self.state.policy_version = announced.version
             self.publish()
+            self.publisher.wait()  # announced before training resumes, so workers roll back first
 
     # ------------------------------------------------------------------------------------------ inputs
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
@@ -360,17 +362,30 @@ class Trainer:
         self.trained_ids = {gid: version for gid, version in self.trained_ids.items() if version >= oldest}
 
     def publish(self) -> float:
-        """Publish the current policy as the next weight version; returns the seconds it took."""
-        version, timings = publish_policy(
-            self.policy, self.processor, staging=self.run_dir / "publish-staging", weights_root=self.weights_root,
-            dtype=self.publish_dtype,
-            version=self.state.policy_version + 1, learner_step=self.state.step, client=self.client,
-            run_name=self.settings.run_name, keep_versions=self.cfg.keep_weight_versions,
-        )
-        self.state.policy_version = version.version
-        self.telemetry.weights.policy_version.labels("learner").set(version.version)
-        self.telemetry.weights.bytes_published.inc(version.num_bytes)
-        return timings.total_s
+        """Hand a snapshot of the policy to the background publisher as the next weight version.
+
+        Returns the seconds the step spent on it: the snapshot, plus waiting for the previous publish if that
+        is still running. The version counts from here (the next groups' staleness is measured against it);
+        workers see it once its bytes are written, hashed and announced.
+        """
+        started = time.perf_counter()
+        version, step = self.state.policy_version + 1, self.state.step
+        snapshot = weights_snapshot(self.policy, self.publish_dtype)
+
+        def write_and_announce() -> WeightVersion:
+            weight_version, _timings = publish_policy(
+                self.policy, self.processor, staging=self.run_dir / "publish-staging",
+                weights_root=self.weights_root, dtype=self.publish_dtype, state_dict=snapshot, version=version,
+                learner_step=step, client=self.client, run_name=self.settings.run_name,
+                keep_versions=self.cfg.keep_weight_versions,
+            )
+            self.telemetry.weights.bytes_published.inc(weight_version.num_bytes)
+            return weight_version
+
+        self.publisher.submit(write_and_announce)
+        self.state.policy_version = version
+        self.telemetry.weights.policy_version.labels("learner").set(version)
+        return time.perf_counter() - started
 
     def checkpoint(self) -> float:
         """Write a checkpoint of the current step; returns the seconds it took."""
@@ -418,6 +433,7 @@ class Trainer:
             if not batch.groups:
                 break
             records.append(self.train_on(batch))
+        self.publisher.wait()  # the last version is announced before the run reports it
         if self.is_leader and self.state.step != self._checkpointed_step and self.state.step > 0:
             self.checkpoint()
         summary = {"steps": self.state.step, "policy_version": self.state.policy_version,
@@ -427,5 +443,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Release the Redis connection."""
-        self.client.close()
+        """Finish the running publish and release the Redis connection."""
+        try:
+            self.publisher.close()
+        finally:
+            self.client.close()

@@ -192,6 +192,7 @@ def test_groups_trained_after_the_last_checkpoint_are_trained_once_more_after_a_
     crashed = Trainer(settings)
     losses = [crashed.train_on(crashed.collect_batch())["loss"] for _ in range(3)]  # checkpoint at step 2
     assert crashed.trajectories.pending() == 2  # step 3's groups: trained, held until a checkpoint holds them
+    crashed.publisher.wait()  # v3 is announced (workers run it), then
     crashed.client.close()  # the process dies here: no final checkpoint, no ack
 
     resumed = Trainer(settings, resume=True)

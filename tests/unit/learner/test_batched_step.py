@@ -174,3 +174,15 @@ def test_bf16_compute_over_fp32_master_weights_keeps_every_update(recorded: tupl
     grpo_step(bf16, reference, optimizer, scheduler, groups, pixels, StepConfig(loss=LossConfig(beta=0.04)))
     moved = sum(int((p.detach() != weights_before[name]).sum()) for name, p in bf16.named_parameters())
     assert moved / sum(p.numel() for p in bf16.parameters()) < 0.5
+
+
+def test_kept_set_term_of_dense_groups_is_skipped_with_the_same_metrics(recorded: tuple) -> None:
+    model, _groups, pixels = recorded
+    items = load_dataset(TASKS)[:2]
+    dense = record_groups(model, load_model_and_processor(MODEL)[1], items, [Budget(kind="keep_ratio", value=1.0)] * 4)
+    metrics, update = _step(model, dense, pixels, kept_mass_weight=1.0, grad_clip=1e9)
+    without, update_without = _step(model, dense, pixels, kept_mass_weight=0.0, grad_clip=1e9)
+    assert metrics["kept_share"] == 1.0 and metrics["kept_mass_loss"] == 0.0
+    assert metrics["loss"] == without["loss"] and metrics["grad_norm"] == without["grad_norm"]
+    for name, change in update.items():
+        torch.testing.assert_close(change, update_without[name], atol=0, rtol=0, msg=name)
