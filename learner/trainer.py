@@ -152,6 +152,7 @@ class Trainer:
             consumer=f"learner-{settings.run_name}", metrics=self.telemetry.queue,
         )
         self.publisher = BackgroundPublisher()
+        self.attempts_key = f"sf:{settings.run_name}:learner:step-attempts"  # trajectory entry id -> unfinished steps
         self.log_path = self.run_dir / "metrics.jsonl"
         self._checkpointed_step = self.state.step if checkpoint is not None else -1
         self.held: list[Entry] = []  # trained entries, acked once a checkpoint holds their step
@@ -253,8 +254,12 @@ class Trainer:
     def _admit(self, entry: Entry, batch: Batch) -> None:
         if any(entry.id == held.id for held in (*self.held, *batch.entries)):
             return  # our own entry, redelivered: it is trained (or about to be) and acked with a checkpoint
-        if entry.deliveries > self.settings.queues.max_deliveries:
-            self.trajectories.dead_letter(entry, f"delivered {entry.deliveries - 1} times without an ack")
+        # Poison is an entry that was in max_deliveries steps that never finished. The delivery count alone would
+        # also count this learner's own restarts, which re-read their pending entries (and raise the count).
+        attempts = int(self.client.hget(self.attempts_key, entry.id) or 0)
+        if attempts >= self.settings.queues.max_deliveries:
+            self.trajectories.dead_letter(entry, f"in {attempts} learner steps that never finished")
+            self.client.hdel(self.attempts_key, entry.id)
             batch.turned_away["poison"] += 1
             return
         try:
@@ -313,12 +318,20 @@ class Trainer:
     def train_on(self, batch: Batch) -> dict[str, object]:
         """One optimizer step on the batch; ack it, publish and checkpoint on cadence; return the log record."""
         lags = [self.state.policy_version - group.policy_version for group in batch.groups]
+        ids = [entry.id for entry in batch.entries]
+        if self.is_leader and ids:  # counts only if the step never finishes (see _admit)
+            pipe = self.client.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.hincrby(self.attempts_key, entry_id, 1)
+            pipe.execute()
         started = time.perf_counter()
         metrics = grpo_step(self.policy, self.reference, self.optimizer, self.scheduler, batch.groups,
                             self.pixels, self.step_config, rank=self.rank, world_size=self.world_size)
         step_s = time.perf_counter() - started
         if not self.is_leader:
             return self._follow(batch)
+        if ids:
+            self.client.hdel(self.attempts_key, *ids)
         self.held.extend(batch.entries)
         self.state.step += 1
         self.state.groups_done += len(batch.groups)

@@ -295,3 +295,39 @@ def test_feeding_stops_at_the_run_ahead_limit_of_untrained_groups(tmp_path: Path
     trainer._feed()
     assert tasks.depth() == 3
     trainer.close()
+
+
+def test_learner_restarts_do_not_make_valid_groups_poison(tmp_path: Path, redis_settings, recorded) -> None:
+    _model_dir, _dataset, groups = recorded
+    settings = make_settings(redis_settings, tmp_path / "restarts", recorded, max_steps=2, max_staleness=8)
+    trajectories = put_groups(settings, groups[:4])
+    for _restart in range(5):  # each incarnation takes the groups, then dies before its step
+        doomed = Trainer(settings, resume=True)
+        assert len(doomed.collect_batch().groups) == 2
+        doomed.client.close()
+    assert max(entry.deliveries for entry in Trainer(settings, resume=True).recovered) > settings.queues.max_deliveries
+    survivor = Trainer(settings, resume=True)
+    summary = survivor.run()
+    assert summary["steps"] == 2 and trajectories.dead_letters() == []
+    records = [json.loads(line) for line in (survivor.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [group_id for record in records for group_id in record["group_ids"]]
+    assert sorted(trained) == sorted(group.group_id for group in groups[:4])  # each exactly once
+    survivor.close()
+
+
+def test_a_group_in_steps_that_never_finish_is_dead_lettered_as_poison(tmp_path: Path, redis_settings, recorded) -> None:
+    _model_dir, _dataset, groups = recorded
+    settings = make_settings(redis_settings, tmp_path / "poison", recorded, max_steps=1, max_staleness=8)
+    trajectories = put_groups(settings, groups[:3])
+    first = Trainer(settings)
+    batch = first.collect_batch()
+    poison = batch.entries[0]
+    # The step that held it crashed the learner max_deliveries times (what train_on counts before each step).
+    first.client.hset(first.attempts_key, poison.id, settings.queues.max_deliveries)
+    first.client.close()
+    resumed = Trainer(settings, resume=True)
+    resumed.run()
+    dead = trajectories.dead_letters()
+    assert [letter.source_id for letter in dead] == [poison.id] and "never finished" in dead[0].reason
+    assert resumed.client.hlen(resumed.attempts_key) == 0  # finished steps leave no count behind
+    resumed.close()
