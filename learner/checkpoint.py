@@ -3,10 +3,17 @@
 Layout of `<run_dir>/checkpoints/step-00000010/`:
   config.json, model.safetensors, processor/tokenizer files  (transformers and vLLM load the folder)
   trainer_state.json   step, policy version, dataset position, trained group ids (TrainingState)
-  optimizer.pt         optimizer + LR scheduler state and the torch/numpy/python RNG states
+  optimizer.pt         optimizer + LR scheduler state_dicts and the torch RNG states: tensors and plain
+                       containers only, read back with torch.load(weights_only=True)
+  rng_state.json       the python and numpy RNG states
 
-A checkpoint is written into a `.tmp` sibling, fsynced, then renamed into place, and `<run_dir>/checkpoints/
-latest` is replaced atomically last: a crash at any point leaves the previous checkpoint as the latest.
+Nothing here is unpickled: /runs is shared with other containers, and a planted pickle would run in the
+learner on resume. weights_only=True refuses every global outside torch's allow-list.
+
+A checkpoint is written into a `.tmp-` sibling and fsynced. Re-writing a step moves the old folder aside
+(`.old-`) before the new one is renamed into place, and `latest` is replaced atomically last; every rename is
+followed by an fsync of the folder that holds it. A crash at any point leaves `latest` naming a whole
+checkpoint (under its own name, or still aside), and the next save tidies what the crash left.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import numpy as np
@@ -26,7 +34,14 @@ from learner.feeder import FeederPosition
 
 STATE_FILE = "trainer_state.json"
 TORCH_STATE_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.json"
 LATEST_FILE = "latest"
+STAGING_PREFIX = ".tmp-"
+ASIDE_PREFIX = ".old-"
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain containers; it is not loaded."""
 
 
 class TrainingState(BaseModel):
@@ -47,6 +62,17 @@ class TrainingState(BaseModel):
     )
 
 
+class HostRngState(BaseModel):
+    """The python and numpy RNG states as JSON (rng_state.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: tuple[int, list[int], float | None] = Field(description="random.getstate(): version, state, gauss.")
+    numpy: tuple[str, list[int], int, int, float] = Field(
+        description="np.random.get_state(): name, keys, pos, has_gauss, cached_gaussian."
+    )
+
+
 def checkpoints_dir(run_dir: Path) -> Path:
     """Where a run's checkpoints live."""
     return Path(run_dir) / "checkpoints"
@@ -63,24 +89,41 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
-    """Put back RNG states saved by rng_states."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Put back RNG states saved by rng_states (as returned, or as read back from a checkpoint)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))  # JSON gives lists; setstate wants tuples
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+def _host_rng_json(states: dict[str, Any]) -> str:
+    version, internal, gauss = states["python"]
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    host = HostRngState(python=(version, list(internal), gauss),
+                        numpy=(name, [int(key) for key in keys], int(pos), int(has_gauss), float(cached)))
+    return host.model_dump_json() + "\n"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the folder's entries (renames, new files) durable, not only the files' bytes."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_tree(path)
+        elif path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -90,6 +133,35 @@ def _write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)
+    _fsync_dir(path.parent)
+
+
+def _tidy_after_crash(root: Path) -> None:
+    """Finish what a crashed save left: drop half-written staging folders, and for a folder moved aside,
+    put it back if its replacement never arrived (then `latest` names it again) or drop it if it did."""
+    for staging in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(staging)
+    for aside in root.glob(f"{ASIDE_PREFIX}*"):
+        original = root / aside.name.removeprefix(ASIDE_PREFIX)
+        if original.exists():
+            shutil.rmtree(aside)
+        else:
+            os.rename(aside, original)
+            _fsync_dir(root)
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename a complete, fsynced staging folder to target; an existing target is moved aside first and
+    removed only after the new one is in place, so some whole copy always exists under a known name."""
+    root = target.parent
+    aside = root / f"{ASIDE_PREFIX}{target.name}"
+    if target.exists():
+        os.rename(target, aside)
+        _fsync_dir(root)
+    os.rename(staging, target)
+    _fsync_dir(root)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def save_checkpoint(
@@ -99,42 +171,53 @@ def save_checkpoint(
     """Write the checkpoint of `state.step` atomically, point `latest` at it, keep the newest `keep`."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _tidy_after_crash(root)
     target = root / f"step-{state.step:08d}"
-    staging = root / f".tmp-{target.name}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = root / f"{STAGING_PREFIX}{target.name}"
     staging.mkdir()
     model.save_pretrained(staging)
     if processor is not None:
         processor.save_pretrained(staging)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
-        staging / TORCH_STATE_FILE,
-    )
+    rng = rng_states()
+    torch_rng = {key: rng[key] for key in ("torch", "cuda") if key in rng}
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng},
+               staging / TORCH_STATE_FILE)
+    (staging / RNG_FILE).write_text(_host_rng_json(rng), encoding="utf-8")
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=1) + "\n", encoding="utf-8")
     _fsync_tree(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    _move_into_place(staging, target)
     _write_atomic(root / LATEST_FILE, target.name + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    # The folder `latest` names is never pruned, even when a crashed run left a newer step behind.
+    others = [folder for folder in sorted(root.glob("step-*")) if folder != target]
+    for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder `latest` names, or None when the run has no checkpoint yet."""
-    pointer = checkpoints_dir(run_dir) / LATEST_FILE
+    """The whole checkpoint `latest` names (still aside, if a save crashed mid-swap), or None before the first."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
-    folder = checkpoints_dir(run_dir) / pointer.read_text(encoding="utf-8").strip()
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which has no {STATE_FILE}")
-    return folder
+    name = pointer.read_text(encoding="utf-8").strip()
+    for folder in (root / name, root / f"{ASIDE_PREFIX}{name}"):
+        if (folder / STATE_FILE).is_file():
+            return folder
+    raise FileNotFoundError(f"{pointer} names {name}, which has no {STATE_FILE}")
 
 
 def load_training_state(folder: Path) -> tuple[TrainingState, dict[str, Any]]:
     """The TrainingState and the torch state (optimizer, scheduler, rng) of one checkpoint folder."""
-    state = TrainingState.model_validate(json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8")))
-    # weights_only=False: the file holds numpy/python RNG tuples, and it is this run's own output.
-    torch_state = torch.load(Path(folder) / TORCH_STATE_FILE, map_location="cpu", weights_only=False)
+    folder = Path(folder)
+    state = TrainingState.model_validate(json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+    host_rng = HostRngState.model_validate_json((folder / RNG_FILE).read_text(encoding="utf-8"))
+    try:
+        torch_state = torch.load(folder / TORCH_STATE_FILE, map_location="cpu", weights_only=True)
+    except UnpicklingError as error:  # weights_only refused a global: the file would have run code
+        raise UnsafeCheckpointError(
+            f"{folder / TORCH_STATE_FILE} holds more than tensors and plain containers (planted, or written "
+            f"before checkpoints stopped pickling); refusing to load it: {error}"
+        ) from error
+    torch_state["rng"] = {**torch_state["rng"], "python": host_rng.python, "numpy": host_rng.numpy}
     return state, torch_state

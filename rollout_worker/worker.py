@@ -193,34 +193,36 @@ class RolloutWorker:
         return _AcceptedTask(entry, message, group_id, prepared)
 
     def _generate(self, accepted: list[_AcceptedTask], report: BatchReport) -> list[list[Rollout]]:
-        """All tasks' rollouts in one engine call; a task the engine refuses is dead-lettered alone."""
-        while accepted:
-            flat = [prepared for task in accepted for prepared in task.prepared]
-            try:
-                generated = self.engine.generate(flat, self.policy_version)
-            except TaskInputError as error:
-                culprit = self._find_culprit(accepted, error)
-                accepted.remove(culprit)
-                self._dead_letter(culprit.entry, f"TaskInputError: {error}", report)
-                continue
-            per_task, start = [], 0
-            for task in accepted:
-                per_task.append(generated[start : start + len(task.prepared)])
-                start += len(task.prepared)
-            return per_task
-        return []
+        """All tasks' rollouts in one engine call; when the engine refuses the batch, each task runs alone and
+        exactly the tasks that fail alone are dead-lettered (removed from `accepted`)."""
+        if not accepted:
+            return []
+        flat = [prepared for task in accepted for prepared in task.prepared]
+        try:
+            generated = self.engine.generate(flat, self.policy_version)
+        except TaskInputError as error:
+            # An engine error does not reliably say which request it came from (matching a task id in its
+            # text blames "task-1" for "task-11"), and any one of a task's G requests may be the bad one.
+            log.warning("engine refused the batch; running its tasks one at a time",
+                        extra={"error": str(error), "tasks": len(accepted)})
+            return self._generate_one_by_one(accepted, report)
+        per_task, start = [], 0
+        for task in accepted:
+            per_task.append(generated[start : start + len(task.prepared)])
+            start += len(task.prepared)
+        return per_task
 
-    def _find_culprit(self, accepted: list[_AcceptedTask], error: TaskInputError) -> _AcceptedTask:
-        """The task an engine error names, else the first one that fails alone."""
-        for task in accepted:
-            if task.message.task.id in str(error):
-                return task
-        for task in accepted:
+    def _generate_one_by_one(self, accepted: list[_AcceptedTask], report: BatchReport) -> list[list[Rollout]]:
+        """Each task's G rollouts in an engine call of its own: a task refused alone is dead-lettered with the
+        engine's reason, the others keep these rollouts (same weights, so nothing is generated twice)."""
+        per_task = []
+        for task in list(accepted):
             try:
-                self.engine.generate(task.prepared[:1], self.policy_version)
-            except TaskInputError:
-                return task
-        raise error
+                per_task.append(self.engine.generate(task.prepared, self.policy_version))
+            except TaskInputError as error:
+                accepted.remove(task)
+                self._dead_letter(task.entry, f"TaskInputError: {error}", report)
+        return per_task
 
     def _score(
         self, accepted: list[_AcceptedTask], rollouts: list[list[Rollout]], report: BatchReport

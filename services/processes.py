@@ -52,10 +52,12 @@ class Supervisor:
         """Start argv in a new session (its own process group), logging to <log_dir>/<name>.log."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        process = subprocess.Popen(
-            list(argv), cwd=cwd, env=dict(env) if env is not None else None, stdout=log_path.open("ab"),
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        # The child gets its own copy of the descriptor; the parent's is closed as soon as the child started.
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                list(argv), cwd=cwd, env=dict(env) if env is not None else None, stdout=log_file,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
         service = Service(name, process, log_path)
         self.services.append(service)
         log.info("started", extra={"service": name, "pid": process.pid})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -46,12 +46,24 @@ def check_redis_security(settings: RedisSettings) -> None:
         raise InsecureRedisError(f"redis.insecure_local is only allowed for a loopback host, not {host!r}")
 
 
+def host_and_port(url: str) -> str:
+    """The url's host[:port], an IPv6 host in brackets (as a URL needs it)."""
+    parsed = urlsplit(url)
+    host = parsed.hostname or ""
+    if ":" in host:  # hostname drops the brackets of an IPv6 literal; "::1:6379" would not parse back
+        host = f"[{host}]"
+    return host if parsed.port is None else f"{host}:{parsed.port}"
+
+
+def without_credentials(url: str) -> str:
+    """The url with its user name and password removed; scheme, host, port, database and query kept."""
+    return urlunsplit(urlsplit(url)._replace(netloc=host_and_port(url)))
+
+
 def answers_without_credentials(url: str, options: dict[str, object], retries: int, backoff_cap_s: float) -> bool:
     """Whether the server at url runs commands for a client that sends no credentials (retrying while it
     cannot be reached, e.g. still starting)."""
-    parsed = urlparse(url)
-    anonymous_url = urlunparse(parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")))
-    client = redis.Redis.from_url(anonymous_url, **options)
+    client = redis.Redis.from_url(without_credentials(url), **options)
     try:
         for attempt in range(retries + 1):
             try:
@@ -101,7 +113,7 @@ def connect_redis(settings: RedisSettings) -> redis.Redis:
         settings.retry_backoff_cap_s,
     ):
         raise InsecureRedisError(
-            f"Redis at {urlparse(url).hostname}:{urlparse(url).port} runs commands without authentication; give it a "
+            f"Redis at {host_and_port(url)} runs commands without authentication; give it a "
             "password (requirepass or an ACL user), or pass --insecure-local for a throw-away Redis on loopback"
         )
     return redis.Redis.from_url(url, **options)

@@ -144,3 +144,23 @@ def test_every_config_the_compose_commands_name_loads_together() -> None:
             if configs:
                 settings = load_settings([REPO / config for config in configs], environ={})
                 assert settings.reward_server.auth_required, f"{compose_file}:{name} must keep auth on"
+
+
+RUNS_WRITERS = {"ray-head"}  # the learner runs there as a Ray job: checkpoints and weight versions
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.yml", "docker-compose.cpu.yml")])
+def test_only_the_learner_can_write_runs(files: tuple[str, ...]) -> None:
+    # A worker or reward-server container that is taken over must not be able to plant files the learner
+    # loads on resume (checkpoints) or that other workers load (weight versions).
+    merged: dict = {}
+    for file in files:
+        merged = merge_compose(merged, yaml.load((REPO / file).read_text(), Loader=ComposeLoader))
+    mounts = {
+        name: [volume for volume in service.get("volumes", []) if volume.split(":")[0] == "runs"]
+        for name, service in merged["services"].items()
+    }
+    assert {name for name, found in mounts.items() if found} >= RUNS_WRITERS | {"rollout-worker"}
+    for name, found in mounts.items():
+        for volume in found:
+            assert volume.endswith(":ro") != (name in RUNS_WRITERS), f"{name}: {volume}"

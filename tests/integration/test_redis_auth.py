@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
-from support import RedisServer
+from support import RedisServer, stop_process, wait_for_port
 
 from services.queues import InsecureRedisError, connect_redis
 from services.settings import RedisSettings
@@ -53,3 +54,32 @@ def test_the_learner_refuses_to_start_against_it_unless_told_insecure_local(open
     allowed = subprocess.run([*command, "--insecure-local", "--set", "learner.model_path=/nonexistent"], cwd=REPO,
                              capture_output=True, text=True, timeout=120, check=False)
     assert allowed.returncode != 0 and "refusing to start" not in allowed.stderr
+
+
+@pytest.fixture(scope="module")
+def ipv6_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """A password-protected redis-server listening on the IPv6 loopback only: (port, password)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("ipv6-redis")
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "::1", "--requirepass", "v6-secret",
+                                "--save", "", "--dir", str(workdir)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, host="::1")
+        yield port, "v6-secret"
+    finally:
+        stop_process(process)
+
+
+def test_an_ipv6_redis_url_passes_the_password_probe(ipv6_redis) -> None:
+    port, password = ipv6_redis
+    # The probe reconnects without credentials; its URL must keep the brackets around the IPv6 host.
+    for settings in (RedisSettings(url=f"redis://[::1]:{port}/0", password=SecretStr(password)),
+                     RedisSettings(url=f"redis://:{password}@[::1]:{port}/0")):
+        client = connect_redis(settings)
+        try:
+            assert client.ping() is True
+        finally:
+            client.close()

@@ -2,8 +2,10 @@
 
 import pytest
 from pydantic import SecretStr
+from redis.connection import parse_url
 
 from services.queues import InsecureRedisError, check_redis_security, is_loopback_host
+from services.queues.connection import without_credentials
 from services.settings import RedisSettings
 
 
@@ -31,3 +33,24 @@ def test_insecure_local_is_only_for_loopback() -> None:
 )
 def test_loopback_detection(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("url", "anonymous"),
+    [("redis://:pw@[::1]:6379/0", "redis://[::1]:6379/0"),
+     ("redis://user:pw@[2001:db8::7]:6380/2?socket_timeout=3", "redis://[2001:db8::7]:6380/2?socket_timeout=3"),
+     ("rediss://user:pw@redis.internal/1", "rediss://redis.internal/1"),
+     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0")],
+)
+def test_without_credentials_keeps_host_port_and_database(url: str, anonymous: str) -> None:
+    assert without_credentials(url) == anonymous
+    parsed, original = parse_url(anonymous), parse_url(url)
+    assert "password" not in parsed and "username" not in parsed
+    assert (parsed["host"], parsed.get("port"), parsed.get("db")) == (
+        original["host"], original.get("port"), original.get("db"))
+
+
+def test_insecure_local_accepts_the_ipv6_loopback() -> None:
+    check_redis_security(RedisSettings(url="redis://[::1]:6379/0", insecure_local=True))
+    with pytest.raises(InsecureRedisError, match="loopback"):
+        check_redis_security(RedisSettings(url="redis://[2001:db8::7]:6379/0", insecure_local=True))
