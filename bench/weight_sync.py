@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from pydantic import SecretStr
 from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The repo root goes first: bench/rollout_worker.py would otherwise shadow the rollout_worker package.
@@ -95,7 +96,9 @@ def load_for(kind: str) -> Callable[[Path], None]:
         return lambda folder: {name: tensor.clone() for name, tensor in load_file(str(folder / "model.safetensors")).items()}
 
     def load(folder: Path) -> None:
-        worker_model, _ = load_model_and_processor(folder)
+        # The weights and their config only: a worker loads a version from its private verified copy, which
+        # holds what the hash covers (processor files are not reloaded with new weights).
+        worker_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
         with torch.no_grad():  # first use of the new weights: one decoding step on a text prompt
             worker_model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
     return load
@@ -115,11 +118,17 @@ def watcher_process(url: str, run_name: str, kind: str, ready: Any, results: Any
     watcher = WeightWatcher(client, run_name, timed_load, poll_s=0.0)
     ready.set()
     deadline = time.monotonic() + 600
-    while not watcher.maybe_update():
-        if time.monotonic() > deadline or watcher.refused:
-            results.put({"error": f"no version loaded: {watcher.refused}"})
-            return
-        time.sleep(0.002)
+    try:
+        while not watcher.maybe_update():
+            if time.monotonic() > deadline or watcher.refused:
+                results.put({"error": f"no version loaded: {watcher.refused}"})
+                return
+            time.sleep(0.002)
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which would otherwise wait for nothing
+        results.put({"error": f"the watcher failed: {error!r}"})
+        return
+    finally:
+        watcher.close()
     results.put(times)
 
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     server = settings.reward_server
     app = create_app(server, Telemetry("reward_server"))
     log.info("starting", extra={"host": server.host, "port": server.port, "auth": server.auth_required})
-    # One worker: scoring is CPU-light and the metrics registry lives in this process.
+    # One worker process, as the metrics registry lives in it. Scoring runs on its own bounded thread pool
+    # (reward_server.score_threads), off the event loop, so probes answer while long batches are scored.
     uvicorn.run(
         app,
         host=server.host,

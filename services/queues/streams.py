@@ -36,12 +36,14 @@ return id
 """
 
 # Dead-letter something that never reached the stream (a bad dataset line) once per key, so a restarted
-# producer that meets the same bad line again adds no second dead letter.
+# producer that meets the same bad line again adds no second dead letter. Returns {id, entries trimmed}.
 _REJECT_UNIQUE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1], 'reason', ARGV[2], 'source_id', ARGV[3], 'deliveries', 0)
+local before = redis.call('XLEN', KEYS[1])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+                      'p', ARGV[1], 'reason', ARGV[2], 'source_id', ARGV[3], 'deliveries', 0)
 redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[4]))
-return id
+return {id, before + 1 - redis.call('XLEN', KEYS[1])}
 """
 
 
@@ -257,15 +259,22 @@ class StreamQueue:
         return int(acked)
 
     def dead_letter(self, entry: Entry, reason: str) -> str:
-        """Move an entry to the dead-letter stream with its reason, atomically with its ack."""
+        """Move an entry to the dead-letter stream with its reason, atomically with its ack; the dead-letter
+        stream keeps about dead_letter_max_length entries, dropping (and counting) the oldest."""
         pipe = self.client.pipeline(transaction=True)
+        # XADD does not say how many entries MAXLEN trimmed: XLEN on both sides, in the same MULTI, does.
+        pipe.xlen(self.dead_stream)
         pipe.xadd(
             self.dead_stream,
             {"p": entry.payload, "reason": reason[:2000], "source_id": entry.id, "deliveries": entry.deliveries},
+            maxlen=self.settings.dead_letter_max_length,
+            approximate=True,
         )
+        pipe.xlen(self.dead_stream)
         pipe.xack(self.stream, self.group, entry.id)
         pipe.xdel(self.stream, entry.id)
-        dead_id, _acked, _deleted = pipe.execute()
+        before, dead_id, after, _acked, _deleted = pipe.execute()
+        self._count_trimmed(before + 1 - after)
         if self.metrics:
             self.metrics.dead_lettered.labels(self.stream, reason.split(":")[0][:60]).inc()
         log.error("dead-lettered entry", extra={"stream": self.stream, "entry": entry.id, "reason": reason})
@@ -275,13 +284,29 @@ class StreamQueue:
         """Dead-letter a payload that never reached the stream (e.g. a bad dataset line), once per dedup_key;
         returns the dead letter's id, or None when that key was already rejected."""
         key = f"{self.dead_stream}:rejected:{dedup_key}"
-        dead_id = self._reject_script(keys=[self.dead_stream, key], args=[payload, reason[:2000], source, ttl_s])
-        if dead_id == 0:
+        added = self._reject_script(
+            keys=[self.dead_stream, key],
+            args=[payload, reason[:2000], source, ttl_s, self.settings.dead_letter_max_length],
+        )
+        if added == 0:
             return None
+        dead_id, trimmed = added
+        self._count_trimmed(int(trimmed))
         if self.metrics:
             self.metrics.dead_lettered.labels(self.stream, reason.split(":")[0][:60]).inc()
         log.error("rejected payload", extra={"stream": self.stream, "source": source, "reason": reason})
         return dead_id.decode()
+
+    def _count_trimmed(self, trimmed: int) -> None:
+        """Count dead letters that MAXLEN dropped; a trim means a flood, so it is logged too."""
+        if trimmed <= 0:
+            return
+        if self.metrics:
+            self.metrics.dead_letters_trimmed.labels(self.stream).inc(trimmed)
+        log.warning(
+            "dead-letter stream full: oldest entries trimmed",
+            extra={"stream": self.dead_stream, "trimmed": trimmed, "max_length": self.settings.dead_letter_max_length},
+        )
 
     # ----------------------------------------------------------------------------------- inspecting
     def depth(self) -> int:

@@ -34,6 +34,11 @@ class QueueSettings(StrictModel):
     tasks_stream: str = Field("sf:tasks", description="Stream the learner feeds with prompts.")
     trajectories_stream: str = Field("sf:trajectories", description="Stream the workers publish groups to.")
     dead_letter_suffix: str = Field(":dead", description="Suffix of each stream's dead-letter stream.")
+    dead_letter_max_length: int = Field(
+        100_000, ge=1,
+        description="Entries a dead-letter stream keeps (about: trimmed by whole stream nodes); older ones are "
+        "dropped and counted, so a flood of bad tasks cannot fill Redis.",
+    )
     max_length: int = Field(10_000, ge=1, description="Entries (waiting + pending) a stream may hold.")
     claim_idle_ms: int = Field(
         120_000, ge=1, description="A pending entry idle this long is reclaimed from its (dead) consumer."
@@ -51,6 +56,13 @@ class TelemetrySettings(StrictModel):
     log_format: Literal["json", "console"] = Field("console", description="Structured JSON or key=value.")
     metrics_host: str = Field("127.0.0.1", description="Interface the /metrics endpoint binds to.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 turns the exporter off.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers the learner's step records also go to "
+        "(services.telemetry.trackers; files under the run folder); each must be installed when chosen.",
+    )
+    tracker_project: str = Field(
+        "sparsity-forcing", description="Weights & Biases project and MLflow experiment the runs are filed under."
+    )
 
 
 class RewardSettings(StrictModel):
@@ -79,9 +91,19 @@ class RewardServerSettings(StrictModel):
     client_retries: int = Field(5, ge=0, description="Client retries with backoff on errors and 429/503.")
     client_backoff_s: float = Field(0.1, gt=0, description="First client retry delay; doubles each retry.")
     client_backoff_cap_s: float = Field(5.0, gt=0, description="Longest single client retry delay.")
-    shed_retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a load-shedding 503.")
+    shed_retry_after_s: int = Field(
+        1, ge=0, description="Retry-After seconds sent with a 503 (load shed, or past score_deadline_s)."
+    )
     body_timeout_s: float = Field(
         10.0, gt=0, description="Longest a client may take to send a request body (slow-client guard)."
+    )
+    score_threads: int = Field(
+        4, ge=1, description="Threads that parse and score request bodies off the event loop; more requests wait."
+    )
+    score_deadline_s: float = Field(
+        5.0, gt=0,
+        description="Longest a request may wait for a scoring thread and be parsed and scored once its body has "
+        "arrived; past it the server answers 503 + Retry-After (keep it below client_timeout_s).",
     )
     rewards: RewardSettings = Field(default_factory=RewardSettings, description="Reward weights.")
 

@@ -20,6 +20,7 @@ class QueueMetrics:
     acked: Counter
     reclaimed: Counter
     dead_lettered: Counter
+    dead_letters_trimmed: Counter
     backpressure_wait: Counter
     redis_errors: Counter
 
@@ -105,6 +106,11 @@ class Telemetry:
             dead_lettered=Counter(
                 "sf_queue_dead_lettered", "Entries moved to the dead-letter stream.", ["stream", "reason"],
                 registry=r,
+            ),
+            dead_letters_trimmed=Counter(
+                "sf_queue_dead_letters_trimmed",
+                "Oldest dead letters dropped to keep a dead-letter stream at queues.dead_letter_max_length.",
+                lbl, registry=r,
             ),
             backpressure_wait=Counter(
                 "sf_queue_backpressure_wait_seconds", "Time producers waited on a full stream.", lbl, registry=r
