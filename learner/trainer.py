@@ -45,7 +45,7 @@ from services.modeling import load_model_and_processor
 from services.modeling.loading import checkpoint_dtype
 from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
 from services.queues import Entry, StreamQueue, connect_redis
-from services.schemas import DecodeError, TrajectoryGroup, WeightVersion, decode
+from services.schemas import DecodeError, TaskMessage, TrajectoryGroup, WeightVersion, decode, encode
 from services.settings.models import Settings
 from services.sparsity.scorers import build_scorer
 from services.telemetry import Telemetry
@@ -282,16 +282,32 @@ class Trainer:
             self.trajectories.dead_letter(entry, f"unusable group: {problem}")
             batch.turned_away["unusable"] += 1
         elif not fresh:
-            # Dead-lettered, not just dropped: the task is accounted for, and can be replayed.
-            self.trajectories.dead_letter(entry, f"stale: group {group.group_id!r} made by v{group.policy_version}, "
-                                                 f"learner at v{self.state.policy_version}, "
-                                                 f"max_staleness={self.cfg.max_staleness}")
-            self.state.groups_done += 1
-            self.telemetry.learner.stale_groups_dropped.inc()
-            batch.turned_away["stale"] += 1
+            self._turn_away_stale(entry, group, batch)
         else:
             batch.groups.append(group)
             batch.entries.append(entry)
+
+    def _turn_away_stale(self, entry: Entry, group: TrajectoryGroup, batch: Batch) -> None:
+        """Send a stale group's task back for fresh rollouts, or dead-letter it once its retries are spent.
+
+        A valid task must end trained: the group is replaced, not dropped, up to learner.stale_retries times.
+        """
+        why = (f"group {group.group_id!r} made by v{group.policy_version}, learner at v{self.state.policy_version}, "
+               f"max_staleness={self.cfg.max_staleness}")
+        self.telemetry.learner.stale_groups_dropped.inc()
+        batch.turned_away["stale"] += 1
+        if group.attempt < self.cfg.stale_retries:
+            attempt = group.attempt + 1
+            message = TaskMessage(task=group.task, dataset_root=self.image_roots[group.task.id], epoch=group.epoch,
+                                  attempt=attempt)
+            key = f"{self.state.run_id}:{group.epoch}:{group.task.id}:a{attempt}"
+            self.tasks_queue.put_unique(encode(message, self.settings.queues.codec), key)
+            self.trajectories.ack([entry])  # replaced by the fresh attempt, which carries the task from here
+            log.info("stale group sent back for fresh rollouts", extra={"why": why, "attempt": attempt})
+            return
+        # Dead-lettered, not just dropped: the task is accounted for, and can be replayed.
+        self.trajectories.dead_letter(entry, f"stale after {group.attempt} fresh attempts: {why}")
+        self.state.groups_done += 1
 
     def collect_batch(self) -> Batch:
         """Block until groups_per_step usable groups arrive (fewer at the end of the data or on idle timeout)."""

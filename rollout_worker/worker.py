@@ -67,8 +67,9 @@ class _AcceptedTask:
 
 
 def group_id_for(message: TaskMessage) -> str:
-    """A group's id: one per task per epoch, so replays of the same task deduplicate."""
-    return f"{message.task.id}@e{message.epoch}"
+    """A group's id: one per task, epoch and attempt, so replays of the same message deduplicate while a task
+    sent back for fresh rollouts (its earlier group went stale) gets a group of its own."""
+    return f"{message.task.id}@e{message.epoch}" + (f"#a{message.attempt}" if message.attempt else "")
 
 
 def check_dataset_root(root: Path, allowed: Sequence[Path]) -> Path:
@@ -293,7 +294,7 @@ class RolloutWorker:
             offset += len(group_rollouts)
             group = TrajectoryGroup(
                 group_id=task.group_id, task=task.message.task, epoch=task.message.epoch,
-                rollouts=group_rollouts, rewards=group_rewards, policy_version=self.policy_version,
+                attempt=task.message.attempt, rollouts=group_rollouts, rewards=group_rewards, policy_version=self.policy_version,
                 worker_id=self.worker_id,
             )
             published = self._publish_group(group, accepted[index:])

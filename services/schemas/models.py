@@ -72,6 +72,7 @@ class TaskMessage(WireModel):
     task: Task
     dataset_root: str = Field(description="Folder the task's image path is relative to.")
     epoch: int = Field(0, ge=0)
+    attempt: int = Field(0, ge=0, description="Fresh rollouts asked for after earlier groups of it went stale.")
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -199,6 +200,7 @@ class TrajectoryGroup(WireModel):
     group_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     task: Task
     epoch: int = Field(0, ge=0)
+    attempt: int = Field(0, ge=0, description="The task message's attempt this group answers (0: the first).")
     rollouts: list[Rollout] = Field(min_length=1)
     rewards: list[RewardBreakdown] = Field(min_length=1)
     policy_version: int = Field(ge=0)

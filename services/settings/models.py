@@ -211,6 +211,10 @@ class LearnerSettings(StrictModel):
     adv_eps: float = Field(1e-4, gt=0, description="Epsilon added to the group reward std.")
     drop_zero_variance: bool = Field(False, description="Skip the rows of groups whose rewards are all equal.")
     max_staleness: int = Field(4, ge=0, description="Drop groups made more than this many versions ago.")
+    stale_retries: int = Field(
+        2, ge=0, description="Times a task whose group arrived stale is sent back for fresh rollouts before it is "
+        "dead-lettered with the reason.",
+    )
     kept_mass_weight: float = Field(
         1.0, ge=0,
         description="Weight of the kept-set term (learner.algorithms.kept_mass_loss): teaches the scorer's attention "

@@ -117,7 +117,7 @@ def test_learner_steps_publish_weights_that_a_worker_loads(tmp_path: Path, redis
 def test_duplicate_stale_and_unusable_groups_are_turned_away(tmp_path: Path, redis_settings, recorded) -> None:
     _model_dir, _dataset, groups = recorded
     settings = make_settings(redis_settings, tmp_path / "run-turned-away", recorded, max_steps=3, max_staleness=1,
-                             beta=0.0)
+                             beta=0.0, stale_retries=0)
     trajectories = put_groups(settings, [groups[0], groups[1], at_version(groups[2], 1), at_version(groups[3], 1)])
     trainer = Trainer(settings)
     trainer.cfg.max_steps = 2
@@ -143,7 +143,7 @@ def test_duplicate_stale_and_unusable_groups_are_turned_away(tmp_path: Path, red
     assert last["turned_away"] == {"duplicate": 1, "stale": 1, "unusable": 2, "undecodable": 1}
     assert last["staleness_max"] == 0 and last["groups"] == 2
     reasons = sorted(dead.reason.split(":")[0] for dead in trajectories.dead_letters())
-    assert reasons == ["stale", "undecodable", "unusable group", "unusable group"]  # none silently dropped
+    assert reasons == ["stale after 0 fresh attempts", "undecodable", "unusable group", "unusable group"]
     assert any("ahead of learner" in dead.reason for dead in trajectories.dead_letters())
     assert any("not-in-dataset" in dead.reason for dead in trajectories.dead_letters())
     assert trajectories.depth() == 0
@@ -331,3 +331,26 @@ def test_a_group_in_steps_that_never_finish_is_dead_lettered_as_poison(tmp_path:
     assert [letter.source_id for letter in dead] == [poison.id] and "never finished" in dead[0].reason
     assert resumed.client.hlen(resumed.attempts_key) == 0  # finished steps leave no count behind
     resumed.close()
+
+
+def test_a_stale_group_sends_its_task_back_for_fresh_rollouts_until_its_retries_run_out(
+    tmp_path: Path, redis_settings, recorded
+) -> None:
+    _model_dir, _dataset, groups = recorded
+    settings = make_settings(redis_settings, tmp_path / "stale-retry", recorded, max_steps=1, max_staleness=0,
+                             stale_retries=2, task_queue_fill=1, groups_per_step=1)
+    trajectories = put_groups(settings, [groups[0]])
+    trainer = Trainer(settings)
+    trainer.run()  # v0 -> v1: the next v0 group is stale (max_staleness 0)
+    tasks = StreamQueue(connect_redis(settings.redis), settings.queues.tasks_stream, settings.queues)
+    tasks.client.delete(settings.queues.tasks_stream)
+    stale = groups[1]
+    trajectories.put_many([encode(stale), encode(stale.model_copy(update={"attempt": 2, "group_id": "g#a2"}))])
+    batch = trainer.collect_batch()  # idles out: both groups are turned away
+    assert batch.groups == [] and batch.turned_away["stale"] == 2
+    resent = [decode(TaskMessage, entry.payload) for entry in tasks.consume(10)]
+    assert [(m.task.id, m.epoch, m.attempt) for m in resent] == [(stale.task.id, stale.epoch, 1)]
+    dead = trajectories.dead_letters()
+    assert len(dead) == 1 and dead[0].reason.startswith("stale after 2 fresh attempts")  # retries spent
+    assert trajectories.depth() == 0  # the first stale entry was acked: its task lives on as attempt 1
+    trainer.close()

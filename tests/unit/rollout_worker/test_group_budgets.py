@@ -53,3 +53,14 @@ def test_bad_arguments_are_refused() -> None:
         assign_group_budgets(PAPER, 0, "round_robin", 0)
     with pytest.raises(ValueError, match="mode"):
         assign_group_budgets(PAPER, 2, "zigzag", 0)
+
+
+def test_group_ids_are_one_per_task_epoch_and_attempt() -> None:
+    from rollout_worker.worker import group_id_for
+    from services.schemas import Task, TaskMessage
+
+    task = Task(id="task-1", image="i.png", question="q?", answer="a", answer_type="exact")
+    first = TaskMessage(task=task, dataset_root="/data", epoch=2)
+    assert group_id_for(first) == "task-1@e2"  # unchanged for first attempts: replays still deduplicate
+    assert group_id_for(first.model_copy(update={"attempt": 1})) == "task-1@e2#a1"
+    assert group_id_for(first.model_copy(update={"attempt": 1})) != group_id_for(first)
