@@ -1,9 +1,11 @@
 """`make demo` / `python -m learner.demo`: the whole Sparsity Forcing loop on one machine, end to end.
 
 Starts a password-protected redis-server, the reward server (bearer token on), one rollout worker on vLLM and
-the learner (a Ray actor on a local Ray), all on free loopback ports, shows live progress, and writes
-runs/<run>/: settings.yaml, logs/, metrics.jsonl, checkpoints, weights, report.md and PNG plots. Every
-process it started is stopped at the end, on Ctrl-C and on failure.
+the learner (a Ray actor on a local Ray), all on free loopback ports, shows progress (a live table on a
+terminal, one plain line per learner step and per evaluation chunk when stdout is a file or a pipe), and
+writes runs/<run>/: settings.yaml, logs/, metrics.jsonl, checkpoints, weights (the last version with a
+model card, README.md), report.md and PNG plots. Every process it started is stopped at the end, on
+Ctrl-C and on failure. `--print-settings` prints the resolved settings and exits.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import yaml
@@ -26,10 +28,19 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from learner.model_card import final_weights_folder, run_weights_root, write_run_card
+from learner.progress import (
+    StepClock,
+    format_duration,
+    live_progress,
+    parse_chunk_line,
+    planned_steps,
+    step_line,
+)
 from learner.report import read_step_records, write_report
 from services.data.build import ensure_bundled_split
 from services.processes import Service, ServiceFailed, Supervisor, free_port, wait_until
-from services.settings import Settings, add_settings_arguments, load_settings
+from services.settings import Settings, add_settings_arguments, load_settings, settings_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [REPO / "configs" / "default.yaml", REPO / "configs" / "demo.yaml"]
@@ -72,11 +83,13 @@ def write_settings_file(settings: Settings, path: Path) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def progress_table(records: list[dict[str, Any]], rollouts_per_s: float, worker_version: float | None,
-                   max_steps: int | None) -> Table:
+def progress_table(records: list[dict[str, Any]], rollouts_per_s: float | None, worker_version: float | None,
+                   max_steps: int | None, eta_s: float | None = None) -> Table:
     """The live view: the last steps of the learner and the worker's throughput."""
     table = Table(title=f"Sparsity Forcing demo — step {records[-1]['step'] if records else 0}/{max_steps or '?'}"
-                        f" · {rollouts_per_s:.1f} rollouts/s · worker on weights v{int(worker_version or 0)}")
+                        f" · {'?' if rollouts_per_s is None else f'{rollouts_per_s:.1f}'} rollouts/s"
+                        f" · worker on weights v{int(worker_version or 0)}"
+                        f" · eta {format_duration(eta_s)}")
     for column in ("step", "reward", "accuracy", "reduction", "KL", "version", "step s"):
         table.add_column(column, justify="right")
     for record in records[-8:]:
@@ -116,12 +129,48 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+class TrainingView:
+    """The demo's view of training: a live table on a terminal, else one plain line per new learner step.
+
+    rollouts/s is what the worker generates (its /metrics), the ETA comes from the steps' wall times.
+    """
+
+    def __init__(self, settings: Settings, console: Console) -> None:
+        cfg = settings.learner
+        self.total = planned_steps(cfg.max_steps, cfg.datasets, cfg.epochs, cfg.groups_per_step)
+        self.clock = StepClock(self.total, settings.rollout.group_size)
+        self.live = Live(console=console, refresh_per_second=2, transient=False) if console.is_terminal else None
+        self.shown, self.eta = 0, None
+
+    def update(self, records: list[dict[str, Any]], rollouts_per_s: float | None,
+               worker_version: float | None) -> None:
+        """Show the records that arrived since the last call."""
+        for record in records[self.shown:]:
+            _, self.eta = self.clock.update(record)
+            if self.live is None:
+                print(f"{step_line(record, self.total, rollouts_per_s, self.eta)} "
+                      f"worker_version=v{int(worker_version or 0)}", flush=True)
+        self.shown = len(records)
+        if self.live is not None:
+            self.live.update(progress_table(records, rollouts_per_s, worker_version, self.total, self.eta))
+
+    def __enter__(self) -> Self:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
 def follow_training(supervisor: Supervisor, services: dict[str, Service], run_dir: Path, settings: Settings,
                     ports: dict[str, int], console: Console) -> dict[str, Any]:
     """Show progress until the learner exits; returns what the summary needs."""
     learner = services["learner"]
-    last_rollouts, last_time, rate, version = 0.0, time.monotonic(), 0.0, None
-    with Live(console=console, refresh_per_second=2, transient=False) as live:
+    last_rollouts, last_time, version = 0.0, time.monotonic(), None
+    rate: float | None = None  # the worker's rollouts/s, first measured after 5 s
+    with TrainingView(settings, console) as view:
         while learner.process.poll() is None:
             supervisor.check_alive(expected_to_exit=(learner.name,))
             text = scrape(ports["worker_metrics"])
@@ -130,9 +179,9 @@ def follow_training(supervisor: Supervisor, services: dict[str, Service], run_di
             if now - last_time >= 5:
                 rate, last_rollouts, last_time = (rollouts - last_rollouts) / (now - last_time), rollouts, now
             version = metric_sum(text, "sf_policy_version", {"service": "rollout_worker"}) or version
-            live.update(progress_table(read_step_records(run_dir / "metrics.jsonl"), rate, version,
-                                       settings.learner.max_steps))
+            view.update(read_step_records(run_dir / "metrics.jsonl"), rate, version)
             time.sleep(1.0)
+        view.update(read_step_records(run_dir / "metrics.jsonl"), rate, version)  # the steps of the last second
     if learner.process.returncode != 0:
         raise ServiceFailed(f"the learner exited with {learner.process.returncode}; its log ends:\n{learner.log_tail()}")
     text = scrape(ports["worker_metrics"])
@@ -158,22 +207,56 @@ def evaluation_markdown(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, str], limit: int) -> str:
-    """Run sf-eval on the base and the last published weights; returns a markdown section ('' if skipped)."""
-    weights = sorted((run_dir / "weights").glob("v*"))
+def run_with_progress(command: list[str], env: dict[str, str], log_path: Path, console: Console) -> int:
+    """Run a tool whose stdout is a pipe (so it prints progress.chunk_line lines), its whole output into
+    log_path, its chunk lines as progress bars on a terminal or echoed as they are; returns its exit code."""
+    bars = live_progress(console) if console.is_terminal else None
+    tasks: dict[str, Any] = {}
+    with log_path.open("w") as log, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        try:
+            if bars is not None:
+                bars.start()
+            for line in process.stdout:
+                log.write(line)
+                chunk = parse_chunk_line(line)
+                if chunk is None:
+                    continue
+                if bars is None:
+                    print(f"eval {line.strip()}", flush=True)
+                    continue
+                label, done, total = chunk
+                if label not in tasks:
+                    tasks[label] = bars.add_task(f"eval {label}", total=total)
+                bars.update(tasks[label], completed=done)
+            return process.wait()
+        except BaseException:
+            process.terminate()  # Ctrl-C reaches the child by itself; SIGTERM to the demo does not
+            raise
+        finally:
+            if bars is not None:
+                bars.stop()
+
+
+def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, str], limit: int,
+                              console: Console) -> tuple[str, dict[str, Any] | None]:
+    """Run sf-eval on the base and the last published weights, showing its progress; returns a markdown
+    section ('' if skipped) and sf-eval's results (None unless it ran)."""
+    weights = final_weights_folder(run_weights_root(settings))
     dataset = Path(settings.learner.datasets[0]).with_name("test.jsonl")
-    if not weights or not dataset.is_file():
-        return ""
+    if weights is None or not dataset.is_file():
+        return "", None
     out = run_dir / "eval"
     command = [sys.executable, "-m", "learner.evaluate", "--model", str(settings.learner.model_path or
-               settings.rollout.model_path), "--label", "base", "--model", str(weights[-1]), "--label", "trained",
+               settings.rollout.model_path), "--label", "base", "--model", str(weights), "--label", "trained",
                "--dataset", str(dataset), "--limit", str(limit), "--out", str(out),
                "--budgets", "r=1,r=0.5,r=0.25,r=0.125,tau=0.94,tau=0.975"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    (run_dir / "logs" / "eval.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        return f"Evaluation failed (exit {result.returncode}); see logs/eval.log."
-    return evaluation_markdown(json.loads((out / "eval.json").read_text()))
+    console.print(f"evaluating base and trained ({weights.name}) on {limit} items of {dataset}")
+    returncode = run_with_progress(command, env, run_dir / "logs" / "eval.log", console)
+    if returncode != 0:
+        return f"Evaluation failed (exit {returncode}); see logs/eval.log.", None
+    evaluation = json.loads((out / "eval.json").read_text())
+    return evaluation_markdown(evaluation), evaluation
 
 
 def _interrupt(*_: object) -> None:
@@ -192,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-items", type=int, default=2000,
                         help="items to generate for a bundled train split that is missing")
     args = parser.parse_args(argv)
-    console = Console()
+    if args.print_settings:  # this run's ports and folder are chosen when it starts
+        print(settings_yaml(load_settings([*DEFAULT_CONFIGS, *args.config], args.overrides)), end="")
+        return 0
+    console = Console(soft_wrap=True)  # without a terminal rich would cut lines at 80 columns
     run_dir = args.runs_root.resolve() / (args.run_name or time.strftime("demo-%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = {name: free_port() for name in ("redis", "reward", "worker_metrics", "learner_metrics")}
@@ -215,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             summary |= follow_training(supervisor, services, run_dir, settings, ports, console)
         summary["training_minutes"] = round((time.monotonic() - started) / 60, 2)
         summary["training_finished_at"] = time.time()
-        evaluation = "" if args.no_eval else evaluate_base_and_trained(settings, run_dir, env, args.eval_limit)
+        evaluation, results = ("", None) if args.no_eval else evaluate_base_and_trained(
+            settings, run_dir, env, args.eval_limit, console)
+        card = write_run_card(settings, results)  # sf-train wrote it without sf-eval's table
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every service was stopped[/yellow]")
         write_report(run_dir, summary | {"status": "interrupted"})
@@ -228,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     summary |= {"status": "finished", "learner_steps": len(records)}
     report = write_report(run_dir, summary, evaluation)
     console.print(f"[green]done[/green]: {len(records)} learner steps in {summary['training_minutes']} min; "
-                  f"report {report}")
+                  f"report {report}; model card {card}")
     return 0
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.eval_metrics import BatchTiming, BudgetParseError, ItemOutcome, parse_budgets, summarize_budget
+from learner.progress import ChunkProgress
 from services.data.loader import DatasetError, DatasetItem, load_dataset, open_image
 from services.schemas.models import Budget
 from services.settings import SettingsError, add_settings_arguments, settings_from_args
@@ -161,45 +162,56 @@ class ModelEvaluator:
     ) -> tuple[dict[str, list[ItemOutcome]], list[dict[str, object]], dict[str, list[Any]], float]:
         """Greedy answers for every (item, budget): outcomes per budget, prediction records, the rollouts
         per budget (for the timing runs) and the HF scoring time per item in ms."""
-        import torch
-        from tqdm import tqdm
         from vllm import SamplingParams
 
-        from services.rollout.pruned import PrunedRequest, pruned_rollouts
-
-        rewards = self.settings.reward_server.rewards
         greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         outcomes: dict[str, list[ItemOutcome]] = {budget.label: [] for budget in budgets}
         rollouts: dict[str, list[Any]] = {budget.label: [] for budget in budgets}
         predictions: list[dict[str, object]] = []
         score_s = 0.0
-        for chunk in tqdm(_chunks(items, batch_items), desc=f"{self.spec.label}: accuracy", unit="batch"):
-            images = [open_image(item.image_path) for item in chunk]
-            # One image object per item: pruned_rollouts scores each (image, question) once for all budgets.
-            requests = [PrunedRequest(image, item.task.question, budget)
-                        for item, image in zip(chunk, images) for budget in budgets]
-            with torch.no_grad():
-                results = pruned_rollouts(self.llm, self.model, self.processor, self.scorer, requests, greedy)
-            score_s += results[0].score_s * len(results)
-            for request_index, result in enumerate(results):
-                item = chunk[request_index // len(budgets)]
-                correct, parsed = judge(item, result.completion_text, rewards.number_rel_tolerance,
-                                        rewards.number_abs_tolerance)
-                label = result.budget.label
-                rollouts[label].append(result)
-                outcomes[label].append(ItemOutcome(
-                    correct=correct, visual_tokens_kept=result.visual_tokens_kept,
-                    visual_tokens_total=result.visual_tokens_total,
-                    engine_prompt_tokens=len(result.engine_prompt_token_ids),
-                    completion_tokens=len(result.completion_token_ids),
-                ))
-                predictions.append({
-                    "id": item.task.id, "budget": label, "answer": item.task.answer, "correct": correct,
-                    "parsed_answer": parsed, "completion": result.completion_text,
-                    "visual_tokens_kept": result.visual_tokens_kept,
-                    "visual_tokens_total": result.visual_tokens_total,
-                })
+        with ChunkProgress(f"{self.spec.label} accuracy", len(items), "items") as progress:
+            for chunk in _chunks(items, batch_items):
+                score_s += self._accuracy_chunk(chunk, budgets, greedy, outcomes, rollouts, predictions)
+                progress.advance(len(chunk))
         return outcomes, predictions, rollouts, 1000.0 * score_s / len(items)
+
+    def _accuracy_chunk(
+        self, chunk: Sequence[DatasetItem], budgets: Sequence[Budget], greedy: Any,
+        outcomes: dict[str, list[ItemOutcome]], rollouts: dict[str, list[Any]], predictions: list[dict[str, object]],
+    ) -> float:
+        """Answer and judge one batch of items at every budget (appending to the three collections);
+        returns the HF scoring seconds it took."""
+        import torch
+
+        from services.rollout.pruned import PrunedRequest, pruned_rollouts
+
+        rewards = self.settings.reward_server.rewards
+        images = [open_image(item.image_path) for item in chunk]
+        # One image object per item: pruned_rollouts scores each (image, question) once for all budgets.
+        requests = [PrunedRequest(image, item.task.question, budget)
+                    for item, image in zip(chunk, images) for budget in budgets]
+        with torch.no_grad():
+            results = pruned_rollouts(self.llm, self.model, self.processor, self.scorer, requests, greedy)
+        score_s = results[0].score_s * len(results)
+        for request_index, result in enumerate(results):
+            item = chunk[request_index // len(budgets)]
+            correct, parsed = judge(item, result.completion_text, rewards.number_rel_tolerance,
+                                    rewards.number_abs_tolerance)
+            label = result.budget.label
+            rollouts[label].append(result)
+            outcomes[label].append(ItemOutcome(
+                correct=correct, visual_tokens_kept=result.visual_tokens_kept,
+                visual_tokens_total=result.visual_tokens_total,
+                engine_prompt_tokens=len(result.engine_prompt_token_ids),
+                completion_tokens=len(result.completion_token_ids),
+            ))
+            predictions.append({
+                "id": item.task.id, "budget": label, "answer": item.task.answer, "correct": correct,
+                "parsed_answer": parsed, "completion": result.completion_text,
+                "visual_tokens_kept": result.visual_tokens_kept,
+                "visual_tokens_total": result.visual_tokens_total,
+            })
+        return score_s
 
     def timing_run(
         self, items: Sequence[DatasetItem], rollouts: Sequence[Any], decode_tokens: int, repeats: int
@@ -244,13 +256,14 @@ def evaluate_model(
     try:
         outcomes, predictions, rollouts, score_ms = evaluator.accuracy_run(items, budgets, max_new_tokens, batch_items)
         timed = items[:speed_items]
-        rows = []
-        for budget in budgets:
-            timing = None
-            if timed:
-                timing = evaluator.timing_run(timed, rollouts[budget.label][: len(timed)], decode_tokens,
-                                              speed_repeats)
-            rows.append(summarize_budget(budget, outcomes[budget.label], timing))
+        timings: dict[str, BatchTiming | None] = {budget.label: None for budget in budgets}
+        if timed:
+            with ChunkProgress(f"{spec.label} timing", len(budgets), "budgets") as progress:
+                for budget in budgets:
+                    timings[budget.label] = evaluator.timing_run(
+                        timed, rollouts[budget.label][: len(timed)], decode_tokens, speed_repeats)
+                    progress.advance(1)
+        rows = [summarize_budget(budget, outcomes[budget.label], timings[budget.label]) for budget in budgets]
     finally:
         evaluator.close()
     summary = {"label": spec.label, "path": str(spec.path), "vllm_dtype": dtype,

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
+from learner.progress import ChunkProgress
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
@@ -205,44 +205,51 @@ def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layou
     losses: list[float] = []
     grounding_losses: list[float] = []
     model.train()
-    progress = tqdm(range(config.steps), desc="sft", unit="step")
-    for step in progress:
-        batch_items = [items[i] for i in next(batches)]
-        batch = training_inputs(
-            processor, [it.task.question for it in batch_items],
-            [open_image(it.image_path) for it in batch_items], [it.task.answer for it in batch_items],
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, config)
-        batch_layouts = [layouts.get(it.task.id) for it in batch_items]
-        grounded = all(batch_layouts)
-        output = model(**batch, output_attentions=grounded and config.attention_weight > 0)
-        loss = output.loss
-        grounding = grounding_loss(model, batch, output, batch_layouts, config) if grounded else torch.zeros(())
-        if probe and grounded:
-            grounding = grounding + config.probe_weight * probe.loss(batch_layouts, batch["image_grid_thw"])
-        total = loss + grounding
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        grounding_losses.append(float(grounding))
-        if step % 10 == 0:
-            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", grounding=f"{np.mean(grounding_losses[-20:]):.3f}",
-                                 lr=f"{learning_rate_at(step, config):.1e}")
-        if eval_items and config.eval_every and (step + 1) % config.eval_every == 0:
-            model.eval()
-            scores = {family: dense_accuracy(model, processor, family_items, config.eval_batch_size, family)
-                      for family, family_items in eval_items.items()}
-            progress.write(f"step {step + 1}: val " + ", ".join(
-                f"{family} {score['accuracy']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in score['by_kind'].items())})"
-                for family, score in scores.items()))
-            model.train()
+    with ChunkProgress("sft", config.steps, "steps") as progress:
+        for step in range(config.steps):
+            loss, grounding = _train_step(model, processor, probe, parameters, optimizer,
+                                          [items[i] for i in next(batches)], layouts, config, step)
+            losses.append(loss)
+            grounding_losses.append(grounding)
+            progress.advance(1, loss=f"{np.mean(losses[-20:]):.4f}", grounding=f"{np.mean(grounding_losses[-20:]):.3f}",
+                             lr=f"{learning_rate_at(step, config):.1e}")
+            if eval_items and config.eval_every and (step + 1) % config.eval_every == 0:
+                model.eval()
+                scores = {family: dense_accuracy(model, processor, family_items, config.eval_batch_size, family)
+                          for family, family_items in eval_items.items()}
+                progress.note(f"step {step + 1}: val " + ", ".join(
+                    f"{family} {score['accuracy']:.3f} "
+                    f"({', '.join(f'{k} {v:.2f}' for k, v in score['by_kind'].items())})"
+                    for family, score in scores.items()))
+                model.train()
     if probe:
         probe.detach()
     model.eval()
     return losses
+
+
+def _train_step(model: torch.nn.Module, processor, probe: VisualTokenProbe | None, parameters: list,
+                optimizer: torch.optim.Optimizer, batch_items: Sequence[DatasetItem], layouts: dict[str, Layout],
+                config: SFTConfig, step: int) -> tuple[float, float]:
+    """One optimizer step on a batch; returns (answer loss, grounding loss)."""
+    batch = training_inputs(
+        processor, [it.task.question for it in batch_items],
+        [open_image(it.image_path) for it in batch_items], [it.task.answer for it in batch_items],
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, config)
+    batch_layouts = [layouts.get(it.task.id) for it in batch_items]
+    grounded = all(batch_layouts)
+    output = model(**batch, output_attentions=grounded and config.attention_weight > 0)
+    loss = output.loss
+    grounding = grounding_loss(model, batch, output, batch_layouts, config) if grounded else torch.zeros(())
+    if probe and grounded:
+        grounding = grounding + config.probe_weight * probe.loss(batch_layouts, batch["image_grid_thw"])
+    (loss + grounding).backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), float(grounding.detach())
 
 
 def grounding_loss(model, batch: dict, output, layouts: Sequence[Layout], config: SFTConfig) -> torch.Tensor:
@@ -268,15 +275,17 @@ def dense_accuracy(model, processor, items: Sequence[DatasetItem], batch_size: i
     """Greedy dense exact-match accuracy over items, overall and per question kind."""
     correct_by_kind: dict[str, list[bool]] = defaultdict(list)
     mistakes: list[dict[str, str]] = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"eval {label}", unit="batch", leave=False):
-        chunk = items[start:start + batch_size]
-        answers = greedy_answers(model, processor, [it.task.question for it in chunk],
-                                 [open_image(it.image_path) for it in chunk])
-        for item, answer in zip(chunk, answers, strict=True):
-            correct = normalize_answer(answer) == normalize_answer(item.task.answer)
-            correct_by_kind[question_kind(item)].append(correct)
-            if not correct and len(mistakes) < 10:
-                mistakes.append({"id": item.task.id, "expected": item.task.answer, "got": answer})
+    with ChunkProgress(f"eval {label}", len(items), "items") as progress:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            answers = greedy_answers(model, processor, [it.task.question for it in chunk],
+                                     [open_image(it.image_path) for it in chunk])
+            for item, answer in zip(chunk, answers, strict=True):
+                correct = normalize_answer(answer) == normalize_answer(item.task.answer)
+                correct_by_kind[question_kind(item)].append(correct)
+                if not correct and len(mistakes) < 10:
+                    mistakes.append({"id": item.task.id, "expected": item.task.answer, "got": answer})
+            progress.advance(len(chunk))
     flat = [c for values in correct_by_kind.values() for c in values]
     return {
         "items": len(flat),
@@ -295,12 +304,14 @@ def keep_ratio_accuracy(model, processor, items: Sequence[DatasetItem], keep_rat
     rows = {}
     questions = [it.task.question for it in items]
     images = [open_image(it.image_path) for it in items]
-    for ratio in tqdm(keep_ratios, desc="pruned eval", unit="ratio", leave=False):
-        answers = pruned_greedy_answers(model, processor, questions, images, ratio)
-        correct = [normalize_answer(a.text) == normalize_answer(it.task.answer) for a, it in zip(answers, items)]
-        kept = [a.visual_tokens_kept / a.visual_tokens_total for a in answers]
-        rows[f"r={ratio:g}"] = {"accuracy": float(np.mean(correct)), "kept_share": float(np.mean(kept)),
-                                "items": len(items)}
+    with ChunkProgress("pruned eval", len(keep_ratios), "ratios") as progress:
+        for ratio in keep_ratios:
+            answers = pruned_greedy_answers(model, processor, questions, images, ratio)
+            correct = [normalize_answer(a.text) == normalize_answer(it.task.answer) for a, it in zip(answers, items)]
+            kept = [a.visual_tokens_kept / a.visual_tokens_total for a in answers]
+            rows[f"r={ratio:g}"] = {"accuracy": float(np.mean(correct)), "kept_share": float(np.mean(kept)),
+                                    "items": len(items)}
+            progress.advance(1)
     return {"status": "ok", "scorer": "text_attention", "scorer_layer": 2, "rows": rows}
 
 

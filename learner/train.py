@@ -11,17 +11,23 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from learner.model_card import run_folder, write_run_card
+from learner.progress import StepProgress, planned_steps
 from services.queues import InsecureRedisError, connect_redis
-from services.settings import add_settings_arguments, settings_from_args
+from services.settings import add_settings_arguments, settings_document, settings_from_args
 from services.settings.models import Settings
 from services.telemetry import Telemetry, configure_logging
+from services.telemetry.trackers import TrackerUnavailable, check_trackers_installed, open_trackers
+
+StepCallback = Callable[[dict[str, object]], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The entrypoint's flags: --config/--set, --resume and --no-ray."""
+    """The entrypoint's flags: --config/--set (and --print-settings), --resume and --no-ray."""
     parser = argparse.ArgumentParser(prog="sf-train", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -53,6 +59,25 @@ def run_training(
         trainer.close()
 
 
+@contextmanager
+def step_reporting(settings: Settings, live: bool | None = None) -> Iterator[StepCallback]:
+    """The on_step callback of a run: progress (a live bar on a terminal, one plain line per step otherwise)
+    and the experiment trackers telemetry.trackers names; both closed when the run ends."""
+    cfg = settings.learner
+    total = planned_steps(cfg.max_steps, cfg.datasets, cfg.epochs, cfg.groups_per_step)
+    progress = StepProgress(total, settings.rollout.group_size, live=live)
+    try:
+        with open_trackers(settings.telemetry, run_folder(settings), settings.run_name,
+                           settings_document(settings)) as trackers:
+            def on_step(record: dict[str, object]) -> None:
+                progress(record)
+                trackers(record)
+
+            yield on_step
+    finally:
+        progress.close()
+
+
 class TrainerActor:
     """The Ray actor around run_training (wrapped with ray.remote at launch, with the configured resources).
 
@@ -71,15 +96,14 @@ class TrainerActor:
         return self.records[since:]
 
 
-def run_in_ray(settings: Settings, resume: bool, poll_s: float = 2.0) -> dict[str, object]:
-    """Start the trainer actor on the cluster (or a local Ray), print its progress, return its summary.
+def run_in_ray(settings: Settings, resume: bool, on_step: StepCallback, poll_s: float = 2.0) -> dict[str, object]:
+    """Start the trainer actor on the cluster (or a local Ray), pass each step record to on_step here in the
+    driver, return its summary.
 
-    The driver prints each step itself: actor output is forwarded to the driver asynchronously and can
+    The driver reports each step itself: actor output is forwarded to the driver asynchronously and can
     miss the job log's tail when the driver exits, while the driver's own lines always land in it.
     """
     import ray
-
-    from learner.progress import format_step
 
     ray.init(log_to_driver=True)
     try:
@@ -90,7 +114,7 @@ def run_in_ray(settings: Settings, resume: bool, poll_s: float = 2.0) -> dict[st
         while True:
             done, _ = ray.wait([finished], timeout=poll_s)
             for record in ray.get(actor.progress.remote(printed)):
-                print(f"progress: {format_step(record)}", flush=True)
+                on_step(record)
                 printed += 1
             if done:
                 return ray.get(finished)
@@ -108,7 +132,10 @@ def train_worker(config: dict[str, object]) -> None:
     if settings.learner.ray_num_gpus > 0:
         settings.learner.device = str(ray.train.torch.get_device())
     rank = context.get_world_rank()
-    summary = run_training(settings, bool(config["resume"]), rank=rank, world_size=context.get_world_size())
+    # Rank 0 reports the steps (plain lines: a worker's stdout is a log) and feeds the trackers.
+    with step_reporting(settings, live=False) if rank == 0 else nullcontext(None) as on_step:
+        summary = run_training(settings, bool(config["resume"]), on_step=on_step, rank=rank,
+                               world_size=context.get_world_size())
     # Ray Train keeps only metrics that come with a checkpoint: rank 0 attaches a one-file one (the summary);
     # the model checkpoints themselves stay in the run dir, written by the trainer.
     with tempfile.TemporaryDirectory() as folder:
@@ -146,23 +173,27 @@ def run_in_ray_train(settings: Settings, resume: bool) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, load settings, train; print the summary as JSON on the last line."""
+    """Parse flags, load settings, train, write the model card; print the summary as JSON on the last line."""
     args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args)  # exits here after printing them, with --print-settings
     if args.no_ray:
         settings.learner.use_ray = False
     configure_logging(settings.telemetry, "learner")
     try:
+        check_trackers_installed(settings.telemetry.trackers)
         connect_redis(settings.redis).close()  # before any model loads: refuse an unauthenticated Redis now
-    except InsecureRedisError as error:
+    except (InsecureRedisError, TrackerUnavailable) as error:
         print(f"sf-train: refusing to start: {error}", file=sys.stderr)
         return 2
-    if not settings.learner.use_ray:
-        summary = run_training(settings, args.resume)
-    elif settings.learner.num_workers > 1:
-        summary = run_in_ray_train(settings, args.resume)
+    if settings.learner.use_ray and settings.learner.num_workers > 1:
+        summary = run_in_ray_train(settings, args.resume)  # rank 0 reports its steps (train_worker)
     else:
-        summary = run_in_ray(settings, args.resume)
+        with step_reporting(settings) as on_step:
+            if settings.learner.use_ray:
+                summary = run_in_ray(settings, args.resume, on_step)
+            else:
+                summary = run_training(settings, args.resume, on_step=on_step)
+    write_run_card(settings)
     print(json.dumps({"summary": summary}), flush=True)
     return 0
 

@@ -5,7 +5,9 @@ from services.settings.loader import (
     add_settings_arguments,
     deep_merge,
     load_settings,
+    settings_document,
     settings_from_args,
+    settings_yaml,
 )
 from services.settings.models import (
     QueueSettings,
@@ -29,5 +31,7 @@ __all__ = [
     "add_settings_arguments",
     "deep_merge",
     "load_settings",
+    "settings_document",
     "settings_from_args",
+    "settings_yaml",
 ]

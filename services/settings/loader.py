@@ -151,9 +151,28 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "--insecure-local", action="store_true",
         help="allow a Redis without authentication, on a loopback host only (redis.insecure_local=true)",
     )
+    parser.add_argument(
+        "--print-settings", action="store_true",
+        help="print the resolved settings (defaults + files + SF_* + --set) as YAML and exit",
+    )
+
+
+def settings_document(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as plain data; a secret that is set shows as '**********', never its value."""
+    return settings.model_dump(mode="json")
+
+
+def settings_yaml(settings: Settings) -> str:
+    """The resolved settings as YAML, in the models' field order (secrets masked)."""
+    return yaml.safe_dump(settings_document(settings), sort_keys=False)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Load Settings from the flags that add_settings_arguments defined."""
+    """Load Settings from the flags that add_settings_arguments defined; --print-settings prints them and exits."""
     insecure = ["redis.insecure_local=true"] if getattr(args, "insecure_local", False) else []
-    return load_settings(args.config, [*args.overrides, *insecure])
+    settings = load_settings(args.config, [*args.overrides, *insecure])
+    if getattr(args, "print_settings", False):
+        # Like --help: every entrypoint that reads its settings this way answers the flag the same way.
+        print(settings_yaml(settings), end="", flush=True)
+        raise SystemExit(0)
+    return settings

@@ -1,4 +1,5 @@
-"""A short demo (a few learner steps) through the real stack: redis-server, reward server, vLLM worker, Ray learner."""
+"""A short demo (a few learner steps and a small evaluation) through the real stack: redis-server, reward server,
+vLLM worker, Ray learner, sf-eval."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ from learner.report import read_step_records
 REPO = Path(__file__).resolve().parents[2]
 
 
+# The demo's plain line per learner step when stdout is not a terminal (learner.progress.step_line).
+STEP_LINE = re.compile(r"^step (\d+) loss=\S+ kl=\S+ reward=[\d.]+ acc=[\d.]+ reduction=[\d.]+ .*version=(\d+) .*"
+                       r"rollouts/s=\S+ steps=\d+/3 eta=\S+ worker_version=v\d+$", re.MULTILINE)
+
+
 @pytest.mark.slow
 def test_short_demo_trains_publishes_and_reports(tmp_path: Path) -> None:
+    # stdout is a pipe here, as in `make demo > demo.log`: progress must come as plain lines.
     result = subprocess.run(
-        [sys.executable, "-m", "learner.demo", "--runs-root", str(tmp_path), "--run-name", "short", "--no-eval",
-         "--set", "learner.max_steps=3", "--set", "learner.groups_per_step=4"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+        [sys.executable, "-m", "learner.demo", "--runs-root", str(tmp_path), "--run-name", "short",
+         "--eval-limit", "4", "--set", "learner.max_steps=3", "--set", "learner.groups_per_step=4",
+         "--set", "telemetry.trackers=[tensorboard]"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
     )
     run_dir = tmp_path / "short"
     logs = "\n".join(path.read_text(errors="replace")[-2000:] for path in (run_dir / "logs").glob("*.log"))
@@ -40,5 +48,17 @@ def test_short_demo_trains_publishes_and_reports(tmp_path: Path) -> None:
     assert (run_dir / "training_curves.png").is_file() and "status: finished" in report
     settings = yaml.safe_load((run_dir / "settings.yaml").read_text())
     assert settings["redis"]["password"] is None and settings["reward_server"]["auth_token"] is None
+    assert [int(match[1]) for match in STEP_LINE.finditer(result.stdout)] == [1, 2, 3], result.stdout[-3000:]
+    for model in ("base", "trained"):  # the evaluation phase's progress, one line per chunk
+        assert re.search(rf"^eval {model} accuracy: 4/4 items \(100%\) .* eta ", result.stdout, re.MULTILINE)
+
+    card = (run_dir / "weights" / "v000003" / "README.md").read_text()  # the model card of the final weights
+    assert "| learner steps | 3 |" in card and "| base model | `assets/tiny-qwen25vl` |" in card
+    assert re.search(r"^\| tau=0\.975 \| [\d.]+ \[[\d.]+, [\d.]+\] \| [\d.]+ \[", card, re.MULTILINE), card
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "telemetry.trackers=[tensorboard]"
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(run_dir / "weights" / "v000003") is not None
+
     leftovers = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True, check=False).stdout
     assert leftovers.strip() == "", f"processes left running: {leftovers}"

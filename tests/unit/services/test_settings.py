@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.settings import (
     Settings,
@@ -12,6 +13,7 @@ from services.settings import (
     load_settings,
     settings_from_args,
 )
+from services.settings.loader import read_yaml_config
 
 
 def write_yaml(tmp_path: Path, name: str, text: str) -> Path:
@@ -99,3 +101,69 @@ def test_the_insecure_local_flag_sets_redis_insecure_local() -> None:
     add_settings_arguments(parser)
     assert settings_from_args(parser.parse_args(["--insecure-local"])).redis.insecure_local is True
     assert settings_from_args(parser.parse_args([])).redis.insecure_local is False
+
+
+CONFIGS = Path(__file__).parents[3] / "configs"
+# What each bundled file is layered on (its header says so); a file not named here stands on the defaults.
+CONFIG_BASES = {
+    "demo.yaml": ["default.yaml"],
+    "learner-local.yaml": ["default.yaml"],
+    "gpu.example.yaml": ["default.yaml", "demo.yaml"],
+    "deploy-cpu.yaml": ["deploy.yaml"],
+}
+
+
+def leaf_keys(mapping: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a YAML mapping that holds a value rather than a section."""
+    keys = []
+    for key, value in mapping.items():
+        keys += leaf_keys(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)]
+    return keys
+
+
+def restated_keys(path: Path, bases: list[Path]) -> list[str]:
+    """Keys of `path` that leave the value they override (defaults < bases) as it was.
+
+    A restatement on purpose says why in a comment on its line, and is not counted.
+    """
+    before = load_settings(bases, environ={}).model_dump(mode="json")
+    after = load_settings([*bases, path], environ={}).model_dump(mode="json")
+    lines = path.read_text().splitlines()
+    restated = []
+    for keys in leaf_keys(read_yaml_config(path)):
+        old, new = before, after
+        for key in keys:
+            old, new = old[key], new[key]
+        commented = any(line.strip().startswith(f"{keys[-1]}:") and "#" in line for line in lines)
+        if old == new and not commented:
+            restated.append(".".join(keys))
+    return restated
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_bundled_config_key_changes_what_it_overrides(path: Path) -> None:
+    bases = [CONFIGS / name for name in CONFIG_BASES.get(path.name, [])]
+    assert restated_keys(path, bases) == []
+
+
+def test_a_restated_default_is_reported_and_a_commented_one_is_not(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "run.yaml", "queues:\n  max_length: 10000\n  block_ms: 5\n"
+                                              "  codec: msgpack  # kept explicit: workers on another version\n")
+    assert restated_keys(config, []) == ["queues.max_length"]
+
+
+def test_print_settings_prints_the_resolved_yaml_with_secrets_masked_and_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    args = parser.parse_args(["--print-settings", "--set", "queues.max_length=77", "--set", "redis.password=hunter2"])
+    with pytest.raises(SystemExit) as exited:
+        settings_from_args(args)
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert "hunter2" not in printed
+    resolved = yaml.safe_load(printed)
+    assert resolved["queues"]["max_length"] == 77 and resolved["redis"]["password"] == "**********"
+    resolved["redis"]["password"] = None
+    assert Settings.model_validate(resolved) == load_settings(overrides=["queues.max_length=77"], environ={})
