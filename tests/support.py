@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,3 +136,29 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A plain client for assertions (no retries, so tests see the truth)."""
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+# ---- a reward server under test (its fixture yields an object with url, port and token)
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll condition until it holds; fail the test if it does not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def inflight(server) -> int:
+    """Requests the server is handling now, as /healthz reports."""
+    return httpx.get(f"{server.url}/healthz", timeout=10).json()["inflight_requests"]
+
+
+def stall_a_request(server, body: bytes) -> socket.socket:
+    """Send headers and the first 10 bytes of a body, withhold the rest: one request held in flight."""
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled.sendall(
+        f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:10]
+    )
+    wait_until(lambda: inflight(server) == 1)
+    return stalled

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from support import inflight, stall_a_request, wait_until
 
 from reward_server.client import RewardClient, RewardServerError
 from services.schemas.models import AnswerType, ScoreItem
@@ -325,31 +324,6 @@ def test_client_retries_connection_errors_then_gives_up() -> None:
             return client.retries_made
 
     assert asyncio.run(run()) == 2
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll condition until it holds; fail the test if it does not within timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def inflight(server) -> int:
-    """Requests the server is handling now, as /healthz reports."""
-    return httpx.get(f"{server.url}/healthz", timeout=10).json()["inflight_requests"]
-
-
-def stall_a_request(server, body: bytes) -> socket.socket:
-    """Send headers and the first 10 bytes of a body, withhold the rest: one request held in flight."""
-    stalled = socket.create_connection(("127.0.0.1", server.port))
-    stalled.sendall(
-        f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body[:10]
-    )
-    wait_until(lambda: inflight(server) == 1)
-    return stalled
 
 
 def test_load_is_shed_with_retry_after_and_the_client_backs_off(start_reward_server: Callable) -> None:

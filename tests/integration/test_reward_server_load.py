@@ -7,12 +7,12 @@ Every request loop here is bounded in count and in time, and talks to a loopback
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 import httpx
+from support import inflight, stall_a_request, wait_until
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the production defaults: the heaviest batch a client may send
 MAX_BATCH_ITEMS = 1024
@@ -67,17 +67,6 @@ def metric_value(server, line_prefix: str) -> float:
         if line.startswith(line_prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def inflight(server) -> int:
-    return httpx.get(f"{server.url}/healthz", timeout=10).json()["inflight_requests"]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def percentile(samples: list[float], share: float) -> float:
@@ -170,18 +159,6 @@ def test_a_batch_past_the_score_deadline_gets_503_and_frees_its_worker(start_rew
     # within its own 0.5 s and get a 503 as well.
     assert post(server, json.dumps(SMALL_BATCH).encode(), timeout_s=30).status_code == 200
     wait_until(lambda: inflight(server) == 0)
-
-
-def stall_a_request(server, body: bytes) -> socket.socket:
-    """Send headers and the first 10 bytes of a body, withhold the rest: one request held in flight."""
-    stalled = socket.create_connection(("127.0.0.1", server.port))
-    stalled.sendall(
-        f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body[:10]
-    )
-    wait_until(lambda: inflight(server) == 1)
-    return stalled
 
 
 def test_unauthenticated_requests_get_401_and_take_no_inflight_slot(start_reward_server: Callable) -> None:
