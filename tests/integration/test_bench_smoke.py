@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+import pytest
 from support import run_quick_bench
+
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
 
 
 def test_queue_bench_quick_mode_writes_results(tmp_path: Path) -> None:

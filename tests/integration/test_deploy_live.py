@@ -17,6 +17,8 @@ import pytest
 import yaml
 from support import dashboard_metric_uses, exported_sample_names, free_port, stop_process
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "assets" / "tiny-qwen25vl"
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 pytest.importorskip("vllm")
 
 REPO = Path(__file__).resolve().parents[2]

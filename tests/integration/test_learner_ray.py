@@ -29,6 +29,8 @@ from services.schemas import encode
 from services.settings import QueueSettings, load_settings
 from services.weights import latest_weight_version
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 

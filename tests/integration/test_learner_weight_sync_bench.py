@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from support import run_quick_bench
+
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
 
 
 def test_weight_sync_bench_quick_mode_measures_every_phase(tmp_path: Path) -> None:

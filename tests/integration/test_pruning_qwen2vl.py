@@ -23,6 +23,8 @@ from services.rollout.pruned import PrunedRequest, pruned_rollouts
 from services.schemas.models import Budget
 from services.sparsity.scorers import TextAttentionScorer
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 vllm = pytest.importorskip("vllm")
 
 KEEP_RATIOS = (1.0, 0.25)

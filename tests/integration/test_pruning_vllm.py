@@ -32,6 +32,7 @@ from services.sparsity import KeepSetError
 from services.sparsity.scorers import TextAttentionScorer
 
 vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINED_TINY = REPO / "assets" / "tiny-qwen25vl"

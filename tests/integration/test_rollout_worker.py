@@ -33,6 +33,8 @@ from services.settings import Settings
 from services.telemetry import Telemetry
 from services.weights import announce_weights, publish_weights_folder
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 pytest.importorskip("vllm")
 
 REPO = Path(__file__).resolve().parents[2]

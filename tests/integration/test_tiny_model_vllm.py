@@ -12,6 +12,8 @@ from services.data import load_dataset, open_image
 from services.modeling import build_prompt, load_model_and_processor
 from services.modeling.batching import greedy_answers, normalize_answer
 
+pytestmark = pytest.mark.heavy  # starts vLLM, Ray or a benchmark: not in make test-fast
+
 PROMPTS_PER_TASK = 10
 MAX_NEW_TOKENS = 6
 
