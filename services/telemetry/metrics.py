@@ -181,7 +181,8 @@ class Telemetry:
             ),
             zero_variance_groups=Counter("sf_zero_variance_groups", "Groups whose rewards were all equal.",
                                          registry=r),
-            stale_groups_dropped=Counter("sf_stale_groups_dropped", "Groups dropped as too stale.",
+            stale_groups_dropped=Counter("sf_stale_groups_dropped", "Groups turned away as too stale (their task is "
+                                         "sent back for fresh rollouts, or dead-lettered once retries are spent).",
                                          registry=r),
             groups_in_flight=Gauge("sf_learner_groups_in_flight", "Tasks fed and not yet trained: waiting, in a "
                                    "worker's hands, or generated and waiting for the learner.", registry=r),
