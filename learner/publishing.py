@@ -53,9 +53,10 @@ def publish_policy(
     if dtype is not None and state_dict is not None:  # save_pretrained writes the model's own dtype
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = str(dtype).removeprefix("torch.")
+        name = str(dtype).removeprefix("torch.")
+        config["dtype"] = name
+        if "torch_dtype" in config:  # older transformers wrote this key
+            config["torch_dtype"] = name
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     if processor is not None:
         processor.save_pretrained(staging)

@@ -35,13 +35,13 @@ from services.modeling.batched_forward import (
     RowSpec,
     batched_completion_logprobs,
     plan_batch,
-    visual_token_counts,
 )
 from services.modeling.pruned_forward import (
     expand_placeholders,
     image_features,
     image_token_id,
     pruned_completion_logprobs,
+    visual_tokens_per_image,
 )
 from services.schemas import Rollout, TrajectoryGroup
 from services.sparsity.budgets import keep_mask
@@ -204,7 +204,7 @@ def _chunk_inputs(
     first = {row.group: row for row in reversed(rows)}
     pixel_values = torch.cat([first[g].pixels[0] for g in group_ids]).to(device, non_blocking=True)
     grids = torch.cat([first[g].pixels[1] for g in group_ids]).cpu()
-    offsets = [0, *itertools.accumulate(visual_token_counts(policy.config, grids))]
+    offsets = [0, *itertools.accumulate(visual_tokens_per_image(policy, grids))]
     return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids, offsets=offsets)
 
 

@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.modeling.pruned_forward import image_features, image_inputs, image_token_id
+from services.modeling.pruned_forward import (
+    image_features,
+    image_inputs,
+    image_token_id,
+    visual_tokens_per_image,
+)
 from services.sparsity.budgets import KeepSetError
 
 
@@ -76,12 +81,6 @@ class BatchPlan:
             for field in fields(self) if isinstance(getattr(self, field.name), torch.Tensor)
         }
         return BatchPlan(**moved, lengths=self.lengths)
-
-
-def visual_token_counts(config: object, image_grid_thw: torch.Tensor) -> list[int]:
-    """Merged visual tokens per image from a CPU grid (images, 3): t*h*w / merge^2."""
-    merge = int(config.vision_config.spatial_merge_size)
-    return [int(t * h * w) // (merge * merge) for t, h, w in image_grid_thw.tolist()]
 
 
 def prompt_positions(model: torch.nn.Module, prompt_ids: Sequence[int], grid_thw: torch.Tensor) -> torch.Tensor:
@@ -161,7 +160,7 @@ def plan_batch(model: torch.nn.Module, rows: Sequence[RowSpec], image_grid_thw: 
     if not rows:
         raise ValueError("plan_batch needs at least one row")
     grids = image_grid_thw.cpu()
-    counts = visual_token_counts(model.config, grids)
+    counts = visual_tokens_per_image(model, grids)
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     cache: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
     planned = [_plan_row(model, row, grids, counts, offsets, cache) for row in rows]
