@@ -7,7 +7,8 @@ writes DIR/eval.json, DIR/accuracy_vs_reduction.png and DIR/predictions-<label>.
 How each number is measured:
 - accuracy: greedy completions (temperature 0) from the pruned rollout path the workers use
   (``services.rollout.pruned``: score each image once, every budget selects from those scores, one vLLM
-  batch), judged by the reward server's checkers (``check_answer`` by answer_type). 95% CI: Wilson.
+  batch), judged by the reward server's checkers (``learner.judging.judge``: ``check_answer`` by
+  answer_type, the one judge of every evaluation). 95% CI: Wilson.
 - reduction ratio: 1 - kept/total visual tokens of each request; mean, std (population), min and max.
 - prefill time: each budget's batch (the first --speed-items items) run through ``llm.generate`` with
   max_tokens=1 after resetting vLLM's prefix, encoder and multimodal caches; wall time / requests. It
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.eval_metrics import BatchTiming, BudgetParseError, ItemOutcome, parse_budgets, summarize_budget
+from learner.judging import EvaluationError, judge
 from learner.progress import ChunkProgress
 from services.data.loader import DatasetError, DatasetItem, load_dataset, open_image
 from services.schemas.models import Budget
@@ -48,10 +50,6 @@ from services.settings.models import Settings
 DEFAULT_BUDGETS = "r=1,r=0.5,r=0.25,r=0.125,tau=0.975"
 JSON_NAME = "eval.json"
 PLOT_NAME = "accuracy_vs_reduction.png"
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation that cannot go on (e.g. a task whose reference answer cannot be checked)."""
 
 
 @dataclass(frozen=True)
@@ -122,18 +120,6 @@ def _reset_caches(llm: Any) -> None:
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
     llm.llm_engine.reset_encoder_cache()
-
-
-def judge(item: DatasetItem, completion: str, rel_tol: float, abs_tol: float) -> tuple[bool, str | None]:
-    """Whether a completion answers the item correctly, by the reward server's checker; and what it read."""
-    from reward_server.rewards import InvalidReferenceError, check_answer
-
-    task = item.task
-    try:
-        result = check_answer(completion, task.answer, task.answer_type, task.choices, rel_tol, abs_tol)
-    except InvalidReferenceError as error:
-        raise EvaluationError(f"task {task.id}: {error.field}: {error}") from error
-    return result.correct, result.parsed_answer
 
 
 class ModelEvaluator:
