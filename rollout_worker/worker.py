@@ -274,6 +274,7 @@ class RolloutWorker:
             ScoreItem(
                 completion_text=rollout.completion_text, answer=task.message.task.answer,
                 answer_type=task.message.task.answer_type, choices=task.message.task.choices,
+                answers=task.message.task.answers,
                 visual_tokens_kept=rollout.visual_tokens_kept, visual_tokens_total=rollout.visual_tokens_total,
             )
             for task, group in zip(accepted, rollouts)

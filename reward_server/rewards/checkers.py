@@ -20,7 +20,9 @@ from reward_server.rewards.numbers import (
     numbers_match,
     parse_number,
 )
+from reward_server.rewards.relaxed import relaxed_float, relaxed_match
 from reward_server.rewards.text import AnswerSpan, extract_answer_span, normalize_text
+from reward_server.rewards.vqa import normalize_vqa_answer, vqa_accuracy
 from services.schemas.models import AnswerType
 
 _POLARITY = {"yes": True, "true": True, "y": True, "no": False, "false": False, "n": False}
@@ -51,10 +53,21 @@ class InvalidReferenceError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """Whether a completion's answer is correct, and the answer the checker read (None if it found none)."""
+    """Whether a completion's answer is correct, and the answer the checker read (None if it found none).
+
+    partial_credit is set by checkers that grade (answer_type 'vqa'); `correct` then means full credit.
+    """
 
     correct: bool
     parsed_answer: str | None
+    partial_credit: float | None = None
+
+    @property
+    def score(self) -> float:
+        """Credit in [0, 1]: the partial credit where the checker grades, else 1 when correct and 0 when not."""
+        if self.partial_credit is not None:
+            return self.partial_credit
+        return 1.0 if self.correct else 0.0
 
 
 def check_exact(completion: str, reference: str) -> CheckResult:
@@ -197,6 +210,28 @@ def check_choice(completion: str, reference: str, choices: Sequence[str] | None)
     return CheckResult(False, None)
 
 
+def check_vqa(completion: str, human_answers: Sequence[str] | None) -> CheckResult:
+    """VQA accuracy of the answer span against the human answers (partial credit; correct = full credit)."""
+    if human_answers is None or len(human_answers) < 2:
+        raise InvalidReferenceError("answers", "answer_type 'vqa' needs at least 2 human answers")
+    span = extract_answer_span(completion).text
+    given = normalize_vqa_answer(span)
+    if not given:
+        return CheckResult(False, None, 0.0)
+    score = vqa_accuracy(span, human_answers)
+    return CheckResult(score >= 1.0, given, score)
+
+
+def check_relaxed(completion: str, reference: str) -> CheckResult:
+    """ChartQA relaxed accuracy of the answer span: numbers within 5% relative, other answers exact."""
+    if not normalize_text(reference) and relaxed_float(reference) is None:
+        raise InvalidReferenceError("answer", f"{reference!r} is empty once normalized")
+    span = extract_answer_span(completion).text
+    value = relaxed_float(span)
+    read = _format_number(value) if value is not None else normalize_text(span)
+    return CheckResult(relaxed_match(span, reference), read or None)
+
+
 def check_answer(
     completion: str,
     reference: str,
@@ -204,8 +239,9 @@ def check_answer(
     choices: Sequence[str] | None = None,
     rel_tol: float = 1e-6,
     abs_tol: float = 1e-9,
+    answers: Sequence[str] | None = None,
 ) -> CheckResult:
-    """Dispatch to the checker of answer_type."""
+    """Dispatch to the checker of answer_type (`answers`: the human answers of a 'vqa' item)."""
     if answer_type is AnswerType.EXACT:
         return check_exact(completion, reference)
     if answer_type is AnswerType.NUMBER:
@@ -214,4 +250,8 @@ def check_answer(
         return check_choice(completion, reference, choices)
     if answer_type is AnswerType.YES_NO:
         return check_yes_no(completion, reference)
+    if answer_type is AnswerType.VQA:
+        return check_vqa(completion, answers)
+    if answer_type is AnswerType.RELAXED:
+        return check_relaxed(completion, reference)
     raise InvalidReferenceError("answer_type", f"unknown answer_type {answer_type!r}")

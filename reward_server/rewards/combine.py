@@ -21,9 +21,10 @@ class ItemError(ValueError):
         self.message = message
 
 
-def combine_reward(correct: bool, efficiency: float, format_score: float, weights: RewardSettings) -> float:
-    """Total reward; a wrong answer earns no efficiency reward, so pruning never pays for being wrong."""
-    accuracy = 1.0 if correct else 0.0
+def combine_reward(accuracy: float, efficiency: float, format_score: float, weights: RewardSettings) -> float:
+    """Total reward; the efficiency reward is scaled by the answer's credit (a bool counts as 0 or 1), so a
+    wrong answer earns none of it and pruning never pays for being wrong."""
+    accuracy = float(accuracy)
     return (
         weights.accuracy_weight * accuracy
         + weights.efficiency_weight * efficiency * accuracy
@@ -40,15 +41,16 @@ def score_item(item: ScoreItem, weights: RewardSettings) -> RewardBreakdown:
         item.choices,
         weights.number_rel_tolerance,
         weights.number_abs_tolerance,
+        item.answers,
     )
     efficiency = efficiency_reward(item.visual_tokens_kept, item.visual_tokens_total)
     format_score = format_reward(item.completion_text, item.required_format, weights.format_timeout_s)
     return RewardBreakdown(
         correct=check.correct,
-        accuracy=1.0 if check.correct else 0.0,
+        accuracy=check.score,
         efficiency=efficiency,
         format=format_score,
-        total=combine_reward(check.correct, efficiency, format_score, weights),
+        total=combine_reward(check.score, efficiency, format_score, weights),
         parsed_answer=None if check.parsed_answer is None else check.parsed_answer[:MAX_ANSWER_CHARS],
     )
 

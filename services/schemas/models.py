@@ -6,7 +6,7 @@ import itertools
 import math
 import time
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,12 @@ class AnswerType(str, Enum):
     NUMBER = "number"
     CHOICE = "choice"
     YES_NO = "yes_no"
+    VQA = "vqa"  # partial credit from the human answers (VQA accuracy); `answers` holds them
+    RELAXED = "relaxed"  # ChartQA relaxed accuracy: numbers within 5%, other answers exact
+
+
+MAX_HUMAN_ANSWERS = 32
+HumanAnswers = list[Annotated[str, Field(min_length=1, max_length=MAX_ANSWER_CHARS)]]
 
 
 class Task(BaseModel):
@@ -43,12 +49,22 @@ class Task(BaseModel):
     answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
     answer_type: AnswerType
     choices: list[str] | None = Field(None, max_length=26, description="Options, for answer_type 'choice'.")
+    answers: HumanAnswers | None = Field(
+        None, max_length=MAX_HUMAN_ANSWERS, description="Human answers, for answer_type 'vqa' (VQA accuracy)."
+    )
 
     @model_validator(mode="after")
     def _choices_match_type(self) -> Task:
         if self.answer_type is AnswerType.CHOICE and not self.choices:
             raise ValueError("answer_type 'choice' needs a non-empty 'choices' list")
+        _check_human_answers(self.answer_type, self.answers)
         return self
+
+
+def _check_human_answers(answer_type: AnswerType, answers: list[str] | None) -> None:
+    """answer_type 'vqa' is scored against its human answers: at least two (leave-one-out needs them)."""
+    if answer_type is AnswerType.VQA and (answers is None or len(answers) < 2):
+        raise ValueError("answer_type 'vqa' needs an 'answers' list of at least 2 human answers")
 
 
 class Budget(BaseModel):
@@ -157,6 +173,7 @@ class ScoreItem(BaseModel):
     answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
     answer_type: AnswerType
     choices: list[str] | None = Field(None, max_length=26)
+    answers: HumanAnswers | None = Field(None, max_length=MAX_HUMAN_ANSWERS, description="For answer_type 'vqa'.")
     visual_tokens_kept: int = Field(ge=0)
     visual_tokens_total: int = Field(ge=1)
     required_format: str | None = Field(
@@ -165,6 +182,7 @@ class ScoreItem(BaseModel):
 
     @model_validator(mode="after")
     def _kept_within_total(self) -> ScoreItem:
+        _check_human_answers(self.answer_type, self.answers)
         if self.visual_tokens_kept > self.visual_tokens_total:
             raise ValueError(
                 f"visual_tokens_kept={self.visual_tokens_kept} exceeds visual_tokens_total="
@@ -182,11 +200,11 @@ class RewardBreakdown(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    correct: bool
-    accuracy: float = Field(ge=0, le=1, description="r_acc in {0, 1}.")
+    correct: bool = Field(description="Full credit: accuracy == 1.")
+    accuracy: float = Field(ge=0, le=1, description="r_acc in [0, 1]: 0 or 1, fractional for answer_type 'vqa'.")
     efficiency: float = Field(ge=0, le=1, description="r_eff: achieved reduction ratio, 1 - kept/total.")
     format: float = Field(ge=0, le=1, description="1 when the completion has the required format.")
-    total: float = Field(description="accuracy_weight*acc + lambda*eff*[correct] + mu*format.")
+    total: float = Field(description="accuracy_weight*acc + lambda*eff*acc + mu*format.")
     parsed_answer: str | None = Field(None, description="The answer the checker read from the completion.")
 
 

@@ -68,7 +68,7 @@ class TelemetrySettings(StrictModel):
 class RewardSettings(StrictModel):
     accuracy_weight: float = Field(1.0, ge=0, description="Weight of the correctness reward r_acc.")
     efficiency_weight: float = Field(
-        0.5, ge=0, description="lambda: weight of the reduction-ratio reward, paid only when correct."
+        0.5, ge=0, description="lambda: weight of the reduction-ratio reward, scaled by the answer's credit (none when wrong)."
     )
     format_weight: float = Field(0.0, ge=0, description="mu: weight of the optional format reward.")
     number_rel_tolerance: float = Field(1e-6, ge=0, description="Relative tolerance of number answers.")
