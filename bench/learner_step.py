@@ -43,10 +43,9 @@ import torch
 from common import RESULTS_DIR, print_table, save_results
 
 from learner.algorithms import LossConfig
-from learner.feeder import BUNDLED_TRAIN_ITEMS
 from learner.recorded import record_groups
 from learner.step import PixelCache, StepConfig, grpo_step
-from services.data.build import ensure_bundled_split
+from services.data.build import prepare_rl_split
 from services.data.loader import load_dataset, open_image
 from services.modeling import load_model_and_processor
 from services.modeling.pruned_forward import image_inputs
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Time grpo_step per condition, alternating; print a table and save JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "assets/tiny-qwen25vl")
-    parser.add_argument("--tasks", type=Path, default=REPO / "assets/tasks/digits/train.jsonl")
+    parser.add_argument("--tasks", type=Path, default=REPO / "assets/tasks/digits/rl.jsonl")
     parser.add_argument("--groups", type=int, default=8, help="groups per step (the demo's groups_per_step)")
     parser.add_argument("--reps", type=int, default=6, help="timed steps per condition")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's learner uses 1)")
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     policy, processor = load_model_and_processor(args.model)
     reference, _ = load_model_and_processor(args.model)
     # The bundled train split is not committed: a fresh clone generates it (seeded), as the learner would.
-    items = load_dataset(ensure_bundled_split(args.tasks, BUNDLED_TRAIN_ITEMS))[:groups_per_step]
+    items = load_dataset(prepare_rl_split(args.tasks))[:groups_per_step]
     groups = record_groups(policy, processor, items, paper_budgets())
     images = {item.task.id: item.image_path for item in items}
     group_size = len(groups[0].rollouts)

@@ -51,7 +51,7 @@ from stack_profile import profile_ours, profile_verdict, where_time_goes
 from learner.demo import DEFAULT_CONFIGS
 from learner.report import read_step_records
 from services.data import SplitSizes, build_family
-from services.data.build import ensure_bundled_split
+from services.data.build import prepare_rl_split
 from services.data.digits import DigitGridSpec
 from services.data.loader import load_dataset
 from services.data.scenes import SceneSpec
@@ -346,7 +346,7 @@ def run_all(args: argparse.Namespace, settings: Settings, dense: list[str], spar
 def train_split(args: argparse.Namespace, settings: Settings) -> Path:
     """The train tasks every side learns from: generated with --question-mix, or the configured dataset."""
     if not args.question_mix:
-        return ensure_bundled_split(ROOT / settings.learner.datasets[0], 2000)
+        return prepare_rl_split(ROOT / settings.learner.datasets[0])
     mix = {kind: float(weight) for kind, weight in (part.split("=") for part in args.question_mix.split(","))}
     out = Path(tempfile.mkdtemp(prefix="vs-trl-tasks-"))
     specs = {"scene_spec": SceneSpec(question_mix=mix)} if args.family == "scenes" else {

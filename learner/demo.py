@@ -38,7 +38,7 @@ from learner.progress import (
     step_line,
 )
 from learner.report import read_step_records, write_report
-from services.data.build import ensure_bundled_split
+from services.data.build import RL_ITEMS, MissingDataset, prepare_rl_split
 from services.processes import Service, ServiceFailed, Supervisor, free_port, wait_until
 from services.settings import Settings, add_settings_arguments, load_settings, settings_yaml
 
@@ -259,6 +259,15 @@ def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, 
     return evaluation_markdown(evaluation), evaluation
 
 
+def prepare_datasets(settings: Settings, rl_items: int, console: Console) -> None:
+    """The demo's preparation step: build each missing bundled RL split it trains on, saying what it writes.
+
+    Any other missing dataset raises MissingDataset (naming what builds it) before a service starts.
+    """
+    for dataset in settings.learner.datasets:
+        prepare_rl_split(dataset if dataset.is_absolute() else REPO / dataset, rl_items, say=console.print)
+
+
 def _interrupt(*_: object) -> None:
     """SIGTERM handler: stop the demo the way Ctrl-C does, so every service is torn down."""
     raise KeyboardInterrupt
@@ -272,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-root", type=Path, default=REPO / "runs", help="where run folders go")
     parser.add_argument("--eval-limit", type=int, default=200, help="test items per model in the final evaluation")
     parser.add_argument("--no-eval", action="store_true", help="skip the base-vs-trained evaluation")
-    parser.add_argument("--train-items", type=int, default=2000,
-                        help="items to generate for a bundled train split that is missing")
+    parser.add_argument("--rl-items", type=int, default=RL_ITEMS,
+                        help="items of a bundled RL split (assets/tasks/<family>/rl.jsonl) that the demo builds when missing")
     args = parser.parse_args(argv)
     if args.print_settings:  # this run's ports and folder are chosen when it starts
         print(settings_yaml(load_settings([*DEFAULT_CONFIGS, *args.config], args.overrides)), end="")
@@ -285,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = run_settings(args, run_dir, ports)
     settings_path = run_dir / "settings.yaml"
     write_settings_file(settings, settings_path)
-    for dataset in settings.learner.datasets:  # generated before the clock starts (the learner would do it too)
-        ensure_bundled_split(REPO / dataset if not dataset.is_absolute() else dataset, args.train_items)
+    try:  # before the clock starts; the learner itself only reads its datasets
+        prepare_datasets(settings, args.rl_items, console)
+    except MissingDataset as error:
+        console.print(f"[red]demo failed: {error}[/red]")
+        return 2
     env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
     env.update({"SF_REDIS__PASSWORD": secrets.token_urlsafe(24),
                 "SF_REWARD_SERVER__AUTH_TOKEN": secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"})

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.data.build import ensure_bundled_split
+from services.data.build import require_dataset
 from services.data.loader import DatasetError, DatasetItem, load_dataset, parse_line
 from services.queues import QueueFull, StreamQueue
 from services.schemas import TaskMessage, encode
@@ -36,9 +36,6 @@ class FeederPosition(BaseModel):
 def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
     """The order in which epoch `epoch` visits task indices 0..num_tasks-1 (a seeded permutation)."""
     return np.random.default_rng([seed, epoch]).permutation(num_tasks).tolist()
-
-
-BUNDLED_TRAIN_ITEMS = 2000
 
 
 @dataclass(frozen=True)
@@ -77,16 +74,17 @@ def _scan_lines(path: Path, seen: dict[str, Path]) -> tuple[list[DatasetItem], l
 def load_tasks(paths: Sequence[Path], bad_lines: list[BadLine] | None = None) -> list[tuple[DatasetItem, str]]:
     """Every task of every dataset file, with the folder its image path is relative to.
 
-    A bad line (unparseable, failing the Task schema, not UTF-8, a missing or escaping image, a repeated
-    id) raises, naming every bad line as file:line, unless `bad_lines` is given: then each is appended
-    there with its reason (for the caller to dead-letter) and the good lines are returned.
+    A missing file raises MissingDataset, naming the command that builds it. A bad line (unparseable, failing
+    the Task schema, not UTF-8, a missing or escaping image, a repeated id) raises, naming every bad line as
+    file:line, unless `bad_lines` is given: then each is appended there with its reason (for the caller to
+    dead-letter) and the good lines are returned.
     """
     tasks: list[tuple[DatasetItem, str]] = []
     first_seen: dict[str, Path] = {}
     for path in paths:
         root = str(Path(path).resolve().parent)
-        # Bundled train splits are not committed: a fresh clone generates them (seeded) on first use.
-        path = ensure_bundled_split(path, BUNDLED_TRAIN_ITEMS)
+        # Read only: a missing file is an error naming its build command, never generated here.
+        path = require_dataset(path)
         try:
             items: list[DatasetItem] | None = load_dataset(path)
         except (DatasetError, UnicodeDecodeError):  # load_dataset stops at a non-UTF-8 byte, naming no line

@@ -1,14 +1,15 @@
-"""CLI: python -m services.data --out DIR [--seed N] [--train N --val N --test N] [--image-size PX] ..."""
+"""CLI: python -m services.data --out DIR [--split rl] [--seed N] [--train N --val N --test N --rl N] ...
+
+The one builder of the bundled task splits: train/val/test (SFT and evaluation) and rl (the learner's)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from services.data.build import TASK_FAMILIES, SplitSizes, build_family
+from services.data.build import BUNDLED_SPLITS, TASK_FAMILIES, SplitSizes, build_family
 from services.data.digits import DigitGridSpec
 from services.data.scenes import SceneSpec
-from services.data.writer import SPLITS
 
 
 def _mix(text: str) -> dict[str, float]:
@@ -24,11 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.data", description=__doc__)
     parser.add_argument("--out", required=True, help="Output folder (one subfolder per family).")
     parser.add_argument("--family", choices=TASK_FAMILIES, action="append", help="Default: every family.")
-    parser.add_argument("--split", choices=SPLITS, action="append", help="Default: every split.")
+    parser.add_argument("--split", choices=BUNDLED_SPLITS, action="append", help="Default: every split.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=SplitSizes().train)
     parser.add_argument("--val", type=int, default=SplitSizes().val)
     parser.add_argument("--test", type=int, default=SplitSizes().test)
+    parser.add_argument("--rl", type=int, default=SplitSizes().rl, help="Items of the RL split (the learner's).")
     parser.add_argument("--image-size", type=int, default=224, help="Image side in px (224 -> 64 tokens).")
     parser.add_argument("--grid-size", type=int, default=DigitGridSpec().grid_size, help="Digit grid side.")
     parser.add_argument("--min-objects", type=int, default=SceneSpec().min_objects)
@@ -43,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     digit_fields = {"image_size": args.image_size, "grid_size": args.grid_size}
     if args.digit_mix:
         digit_fields["question_mix"] = args.digit_mix
-    sizes = SplitSizes(train=args.train, val=args.val, test=args.test)
+    sizes = SplitSizes(train=args.train, val=args.val, test=args.test, rl=args.rl)
     written = {
         family: build_family(family, args.out, args.seed, sizes, SceneSpec(**scene_fields),
-                             DigitGridSpec(**digit_fields), tuple(args.split or SPLITS))
+                             DigitGridSpec(**digit_fields), tuple(args.split or BUNDLED_SPLITS))
         for family in args.family or TASK_FAMILIES
     }
     print(json.dumps({family: {s: str(p) for s, p in paths.items()} for family, paths in written.items()}))

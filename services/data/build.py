@@ -1,7 +1,14 @@
-"""Write the bundled task families' train/val/test splits, deterministically by seed."""
+"""Write the bundled task families' splits, deterministically by seed.
+
+Two consumers, two files: `make base-model` (learner/sft.py) trains on the `train` split and its `train-*`
+parts, and RL (the learner, `make demo`) on the `rl` split, drawn from a random stream SFT never uses (the
+same digit-image pool as train, never val's or test's). Nothing here runs unasked: the learner only reads
+its datasets, and a missing one is a `MissingDataset` error that names the command that builds it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,13 @@ from services.data.writer import SPLITS, split_seed, write_split
 
 TASK_FAMILIES: tuple[str, ...] = ("scenes", "digits")
 _FAMILY_SALT = {"scenes": 11, "digits": 23}
+RL_SPLIT = "rl"  # RL's own split; SFT's parts are named train and train-<px>, so no file or stream is shared
+RL_ITEMS = 2000
+BUNDLED_SPLITS: tuple[str, ...] = (*SPLITS, RL_SPLIT)
+
+
+class MissingDataset(FileNotFoundError):
+    """A dataset file that is not there; the message says which command builds it."""
 
 
 class SplitSizes(BaseModel):
@@ -23,6 +37,7 @@ class SplitSizes(BaseModel):
     train: int = Field(6000, ge=0, description="Training items.")
     val: int = Field(200, ge=0, description="Validation items.")
     test: int = Field(300, ge=0, description="Test items.")
+    rl: int = Field(RL_ITEMS, ge=0, description="RL training items (the learner's split; SFT never reads it).")
 
 
 def _generate(
@@ -45,7 +60,10 @@ def build_family(
     digit_spec: DigitGridSpec | None = None,
     splits: tuple[str, ...] = SPLITS,
 ) -> dict[str, Path]:
-    """Generate the requested splits of one family into out_dir/<family>/; return split -> JSONL path."""
+    """Generate the requested splits of one family into out_dir/<family>/; return split -> JSONL path.
+
+    The rl split draws from the train digit pool (held apart from val and test) on its own random stream.
+    """
     if family not in TASK_FAMILIES:
         raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
     sizes = sizes or SplitSizes()
@@ -53,7 +71,8 @@ def build_family(
     written: dict[str, Path] = {}
     for split in splits:
         count = getattr(sizes, split)
-        items = _generate(family, seed, split, count, scene_spec, digit_spec, pool=split)
+        pool = "train" if split == RL_SPLIT else split
+        items = _generate(family, seed, split, count, scene_spec, digit_spec, pool=pool)
         written[split] = write_split(items, family_dir, split, total=count, label=family)
     return written
 
@@ -70,8 +89,8 @@ def build_part(
     """Generate a named extra training part (e.g. 'train-56', small images) from the train digit pool."""
     if family not in TASK_FAMILIES:
         raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
-    if name in ("val", "test"):
-        raise ValueError(f"part name={name!r} would overwrite an evaluation split")
+    if name in ("val", "test", RL_SPLIT):
+        raise ValueError(f"part name={name!r} would overwrite an evaluation or the RL split")
     items = _generate(family, seed, name, count, scene_spec, digit_spec, pool="train")
     return write_split(items, Path(out_dir) / family, name, total=count, label=family)
 
@@ -82,26 +101,52 @@ def build_all(
     sizes: SplitSizes | None = None,
     scene_spec: SceneSpec | None = None,
     digit_spec: DigitGridSpec | None = None,
-    splits: tuple[str, ...] = SPLITS,
+    splits: tuple[str, ...] = BUNDLED_SPLITS,
 ) -> dict[str, dict[str, Path]]:
-    """Generate every bundled family; return family -> split -> JSONL path."""
+    """Generate every bundled family (every split, the RL one included); return family -> split -> JSONL path."""
     return {
         family: build_family(family, out_dir, seed, sizes, scene_spec, digit_spec, splits)
         for family in TASK_FAMILIES
     }
 
 
-def ensure_bundled_split(jsonl_path: str | Path, count: int, seed: int = 0) -> Path:
-    """Generate a missing bundled split (<root>/<family>/<split>.jsonl) deterministically; others must exist.
+def bundled_family(jsonl_path: str | Path) -> str | None:
+    """The family of a bundled split path (<root>/<family>/<split>.jsonl), or None for any other file."""
+    path = Path(jsonl_path)
+    return path.parent.name if path.parent.name in TASK_FAMILIES else None
 
-    The train splits are not committed (they regenerate from the seed), so a fresh clone builds them on
-    first use; a path that is not a bundled family's split is only checked.
-    """
+
+def build_command(jsonl_path: str | Path) -> str:
+    """The command that builds a bundled RL split at jsonl_path."""
+    path = Path(jsonl_path)
+    return f"python -m services.data --out {path.parent.parent} --family {path.parent.name} --split {RL_SPLIT}"
+
+
+def require_dataset(jsonl_path: str | Path) -> Path:
+    """The path of an existing dataset file; a missing one raises MissingDataset naming what builds it."""
     path = Path(jsonl_path)
     if path.is_file():
         return path
-    family, split = path.parent.name, path.stem
-    if family not in TASK_FAMILIES or split not in SPLITS:
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    sizes = SplitSizes(**{name: (count if name == split else 0) for name in SPLITS})
-    return build_family(family, path.parent.parent, seed=seed, sizes=sizes, splits=(split,))[split]
+    if bundled_family(path) and path.stem == RL_SPLIT:
+        hint = f"build it with `{build_command(path)}` (`make demo` builds it before it starts)"
+    elif bundled_family(path) and path.stem.startswith("train"):
+        hint = (f"it is SFT data, written by `make base-model`; RL trains on {path.with_name(RL_SPLIT + '.jsonl')}"
+                f" (`{build_command(path)}`)")
+    else:
+        hint = "check learner.datasets"
+    raise MissingDataset(f"dataset file {path} does not exist; {hint}")
+
+
+def prepare_rl_split(
+    jsonl_path: str | Path, count: int = RL_ITEMS, seed: int = 0, say: Callable[[str], None] = print
+) -> Path:
+    """An explicit preparation step: build a missing bundled RL split, saying what it writes.
+
+    Any other missing file raises MissingDataset; an existing file is left as it is.
+    """
+    path = Path(jsonl_path)
+    if path.is_file() or not (bundled_family(path) and path.stem == RL_SPLIT):
+        return require_dataset(path)
+    say(f"building the RL split: {count} {path.parent.name} tasks into {path} (as `{build_command(path)}`)")
+    sizes = SplitSizes(**{name: (count if name == RL_SPLIT else 0) for name in BUNDLED_SPLITS})
+    return build_family(path.parent.name, path.parent.parent, seed=seed, sizes=sizes, splits=(RL_SPLIT,))[RL_SPLIT]

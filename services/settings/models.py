@@ -158,7 +158,7 @@ class LearnerSettings(StrictModel):
         None, description="HF folder the policy (and the frozen reference) start from; None uses rollout.model_path."
     )
     datasets: list[Path] = Field(
-        default_factory=lambda: [Path("assets/tasks/digits/train.jsonl")], min_length=1,
+        default_factory=lambda: [Path("assets/tasks/digits/rl.jsonl")], min_length=1,
         description="Task JSONL files the learner feeds to the workers, in order.",
     )
     bad_task_lines: Literal["dead_letter", "refuse"] = Field(

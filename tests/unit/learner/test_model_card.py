@@ -62,7 +62,7 @@ def test_the_card_names_base_data_steps_and_settings_and_holds_the_table(tmp_pat
     card = write_model_card(folder, settings, 12, EVALUATION).read_text()
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "| base model | `assets/tiny-qwen25vl` |" in card and "| learner steps | 12 |" in card
-    assert "| training data | `assets/tasks/digits/train.jsonl` |" in card
+    assert "| training data | `assets/tasks/digits/rl.jsonl` |" in card
     assert "| weights version | `v000012` |" in card
     assert ["tau=0.975", "0.700 [0.480, 0.850]", "0.800 [0.580, 0.920]", "0.210", "0.430"] in table_rows(card)
     resolved = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
