@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-faults demo bench base-model lint clean
+.PHONY: setup test test-fast test-faults demo bench base-model base-eval lint clean
 
 setup:  ## create .venv, install vLLM (cpu by default; FLAVOR=gpu for CUDA), redis-server and the project
 	bash scripts/setup.sh
@@ -34,6 +34,9 @@ bench: .venv/bin/python  ## run every benchmark; each prints a table and writes 
 
 base-model: .venv/bin/python  ## rebuild the bundled tiny base model (SFT on the bundled tasks) into assets/
 	$(PY) -m learner.sft --out assets/tiny-qwen25vl
+
+base-eval: .venv/bin/python  ## re-evaluate the bundled base model (committed and fresh test splits, sf-eval's evaluator) and rewrite its eval_report.json, without retraining
+	$(PY) -m learner.base_eval --model assets/tiny-qwen25vl
 
 lint: .venv/bin/python
 	$(PY) -m ruff check .

@@ -5,21 +5,20 @@
 Generates any missing task splits (deterministic by seed), trains a BPE tokenizer on the train split's
 text, builds the random-weight model, trains it with teacher forcing (loss on the answer tokens only),
 then writes the checkpoint (save_pretrained + processor files, loadable by transformers and vLLM) and
-eval_report.json: dense greedy accuracy per task and, through services.sparsity, accuracy at keep
-ratios 0.5 / 0.25 / 0.125 with the default attention scorer (the 'before RL' row).
+eval_report.json, whose "eval" section comes from the one evaluator (learner/base_eval.py: sf-eval's
+pruned rollout path on vLLM, judged by the reward server's checkers): per task, dense val accuracy, and
+accuracy and reduction at every budget on the committed test split and on a fresh one (the 'before RL' rows).
+`python -m learner.base_eval` redoes that section alone, without retraining.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import random
-import re
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,15 +26,20 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from learner.base_eval import REPORT_BUDGETS, SETTINGS_FILES, evaluate_base, fresh_dir_for, print_summary
+from learner.eval_metrics import parse_budgets
+from learner.fresh_split import FRESH_SEED
 from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
+from learner.judging import judged_summary
 from learner.progress import ChunkProgress
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
 from services.data.digits import DigitGridSpec
 from services.data.layout import Layout, load_layouts
-from services.data.scenes import COLOURS, SHAPES, SceneSpec
+from services.data.scenes import SceneSpec
 from services.modeling import TinyModelSpec, build_tiny_model, count_parameters, load_model_and_processor
-from services.modeling.batching import greedy_answers, normalize_answer, training_inputs
+from services.modeling.batching import greedy_answers, training_inputs
+from services.settings import load_settings
 
 
 class TrainPart(BaseModel):
@@ -51,7 +55,6 @@ class TrainPart(BaseModel):
     cell_pixels: int = Field(112, ge=28, description="Side of one object's placement cell (scenes only).")
     min_objects: int = Field(2, ge=1, description="Fewest shapes (scenes only).")
     max_objects: int = Field(3, ge=1, description="Most shapes (scenes only).")
-    opening: bool = Field(False, description="Trained on alone for the recipe's first opening_steps steps.")
 
     @property
     def name(self) -> str:
@@ -76,11 +79,11 @@ _DENSE_DIGITS = {"digit_at": 2.0, "is_digit": 1.0, "read_grid": 2.0}
 # answer prior for hundreds of steps. The single-cell parts use the same cell size as the full tasks,
 # so what is learned there transfers.
 DEFAULT_TRAIN_PARTS: tuple[TrainPart, ...] = (
-    TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1, opening=True,
+    TrainPart(family="scenes", image_size=112, items=4000, min_objects=1, max_objects=1,
               question_mix={"colour_at": 1.0, "shape_at": 1.0, "list_objects": 1.0}),
     TrainPart(family="scenes", image_size=224, items=8000, min_objects=2, max_objects=3,
               question_mix=_DENSE_SCENES),
-    TrainPart(family="digits", image_size=112, items=4000, grid_size=1, opening=True, question_mix=_DENSE_DIGITS),
+    TrainPart(family="digits", image_size=112, items=4000, grid_size=1, question_mix=_DENSE_DIGITS),
     TrainPart(family="digits", image_size=224, items=8000, grid_size=2, question_mix=_DENSE_DIGITS),
 )
 
@@ -101,18 +104,16 @@ class SFTConfig(BaseModel):
     learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    eval_batch_size: int = Field(64, ge=1, description="Batch size of greedy evaluation.")
-    keep_ratios: tuple[float, ...] = Field((0.5, 0.25, 0.125), description="Pruned-eval keep ratios.")
-    pruned_eval_items: int = Field(200, ge=0, description="Test items per family in the pruned eval.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size of the progress evaluations (--eval-every).")
+    eval_budgets: str = Field(REPORT_BUDGETS, description="Budgets of the report's test rows (sf-eval's syntax).")
+    fresh_seed: int = Field(FRESH_SEED, description="Seed of the report's fresh test splits (no recipe uses it).")
+    fresh_items: int = Field(300, ge=1, description="Items per family in the report's fresh test split.")
     threads: int = Field(2, ge=1, description="torch intra-op threads (use 1 when a second job shares 2 cores).")
     attention_weight: float = Field(
         1.0, ge=0, description="Weight of the answer-attention loss (learner/grounding.py); 0 turns it off."
     )
     attention_layer: int = Field(3, ge=0, description="Decoder layer whose attention is grounded (not the scorer's).")
     attention_heads: int = Field(2, ge=1, description="How many of that layer's heads are grounded.")
-    opening_steps: int = Field(
-        0, ge=0, description="Steps on the opening (single-cell) parts alone before every part is mixed in."
-    )
     eval_every: int = Field(0, ge=0, description="Print val accuracy every N steps (0: only at the end).")
     position_tint: float = Field(
         48.0, ge=0, le=96, description="Background position tint of every generated split (services/data/layout.py)."
@@ -120,7 +121,10 @@ class SFTConfig(BaseModel):
     probe_weight: float = Field(
         1.0, ge=0, description="Weight of the per-visual-token content loss (a linear head, not saved); 0: off."
     )
-    rope_theta: float = Field(10.0, gt=1.0, description="Text M-RoPE base of the built model (TinyModelSpec).")
+    rope_theta: float = Field(
+        10.0, gt=1.0, description="Text M-RoPE base of the built model (TinyModelSpec); bases 100 to 1e4 were tried "
+        "and not adopted (README)."
+    )
 
 
 def _eval_specs(config: SFTConfig) -> tuple[SceneSpec, DigitGridSpec]:
@@ -173,20 +177,13 @@ def learning_rate_at(step: int, config: SFTConfig) -> float:
     return config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_indices(total: int, opening_pool: Sequence[int], config: SFTConfig) -> Iterator[list[int]]:
-    """Each step's item indices: shuffled passes over the opening pool for opening_steps, then over all items.
-
-    The opening parts show one object or digit filling the image, where the decoder learns to read visual
-    features within tens of steps; on the full images it then only has to learn where to look.
-    """
+def batch_indices(total: int, config: SFTConfig) -> Iterator[list[int]]:
+    """Each step's item indices: shuffled passes over all items, every part mixed in from the first step."""
     order_rng = random.Random(config.seed)
     order: list[int] = []
-    for step in itertools.count():
-        pool = opening_pool if step < config.opening_steps and opening_pool else range(total)
-        if step == config.opening_steps:
-            order.clear()
+    while True:
         if len(order) < config.batch_size:
-            fresh = list(pool)
+            fresh = list(range(total))
             order_rng.shuffle(fresh)
             order.extend(fresh)
         yield order[:config.batch_size]
@@ -194,14 +191,13 @@ def batch_indices(total: int, opening_pool: Sequence[int], config: SFTConfig) ->
 
 
 def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layouts: dict[str, Layout],
-          config: SFTConfig, eval_items: dict[str, Sequence[DatasetItem]] | None = None,
-          opening_pool: Sequence[int] = ()) -> list[float]:
+          config: SFTConfig, eval_items: dict[str, Sequence[DatasetItem]] | None = None) -> list[float]:
     """Teacher-forced SFT on the answer tokens plus the grounding loss; returns each step's answer loss."""
     probe = VisualTokenProbe(model) if config.probe_weight > 0 else None
     parameters = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
-    batches = batch_indices(len(items), opening_pool, config)
+    batches = batch_indices(len(items), config)
     losses: list[float] = []
     grounding_losses: list[float] = []
     model.train()
@@ -215,7 +211,7 @@ def train(model: torch.nn.Module, processor, items: Sequence[DatasetItem], layou
                              lr=f"{learning_rate_at(step, config):.1e}")
             if eval_items and config.eval_every and (step + 1) % config.eval_every == 0:
                 model.eval()
-                scores = {family: dense_accuracy(model, processor, family_items, config.eval_batch_size, family)
+                scores = {family: progress_accuracy(model, processor, family_items, config.eval_batch_size, family)
                           for family, family_items in eval_items.items()}
                 progress.note(f"step {step + 1}: val " + ", ".join(
                     f"{family} {score['accuracy']:.3f} "
@@ -263,71 +259,17 @@ def grounding_loss(model, batch: dict, output, layouts: Sequence[Layout], config
     return torch.zeros(()) if attention is None else config.attention_weight * attention
 
 
-_VARIABLE_WORDS = re.compile(r"\b(" + "|".join([*COLOURS, *SHAPES]) + r")s?\b|\b\d+\b")
-
-
-def question_kind(item: DatasetItem) -> str:
-    """The question's template, for per-kind accuracy: colour, shape and number words become '…'."""
-    return _VARIABLE_WORDS.sub("…", item.task.question)
-
-
-def dense_accuracy(model, processor, items: Sequence[DatasetItem], batch_size: int, label: str) -> dict:
-    """Greedy dense exact-match accuracy over items, overall and per question kind."""
-    correct_by_kind: dict[str, list[bool]] = defaultdict(list)
-    mistakes: list[dict[str, str]] = []
+def progress_accuracy(model, processor, items: Sequence[DatasetItem], batch_size: int, label: str) -> dict:
+    """Greedy dense accuracy of the in-memory model (transformers generate), judged by the one judge; for the
+    progress lines during training only (the report comes from learner/base_eval.py)."""
+    completions: list[str] = []
     with ChunkProgress(f"eval {label}", len(items), "items") as progress:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            answers = greedy_answers(model, processor, [it.task.question for it in chunk],
-                                     [open_image(it.image_path) for it in chunk])
-            for item, answer in zip(chunk, answers, strict=True):
-                correct = normalize_answer(answer) == normalize_answer(item.task.answer)
-                correct_by_kind[question_kind(item)].append(correct)
-                if not correct and len(mistakes) < 10:
-                    mistakes.append({"id": item.task.id, "expected": item.task.answer, "got": answer})
+            completions += greedy_answers(model, processor, [it.task.question for it in chunk],
+                                          [open_image(it.image_path) for it in chunk])
             progress.advance(len(chunk))
-    flat = [c for values in correct_by_kind.values() for c in values]
-    return {
-        "items": len(flat),
-        "accuracy": float(np.mean(flat)),
-        "by_kind": {kind: float(np.mean(values)) for kind, values in sorted(correct_by_kind.items())},
-        "mistakes": mistakes,
-    }
-
-
-def keep_ratio_accuracy(model, processor, items: Sequence[DatasetItem], keep_ratios: Sequence[float]) -> dict:
-    """Accuracy at each keep ratio with the default attention scorer (layer 2); 'pending' if unavailable."""
-    try:
-        from services.modeling.pruned_eval import pruned_greedy_answers
-    except ImportError as error:  # the pruning package is another issue's work
-        return {"status": "pending", "reason": str(error)}
-    rows = {}
-    questions = [it.task.question for it in items]
-    images = [open_image(it.image_path) for it in items]
-    with ChunkProgress("pruned eval", len(keep_ratios), "ratios") as progress:
-        for ratio in keep_ratios:
-            answers = pruned_greedy_answers(model, processor, questions, images, ratio)
-            correct = [normalize_answer(a.text) == normalize_answer(it.task.answer) for a, it in zip(answers, items)]
-            kept = [a.visual_tokens_kept / a.visual_tokens_total for a in answers]
-            rows[f"r={ratio:g}"] = {"accuracy": float(np.mean(correct)), "kept_share": float(np.mean(kept)),
-                                    "items": len(items)}
-            progress.advance(1)
-    return {"status": "ok", "scorer": "text_attention", "scorer_layer": 2, "rows": rows}
-
-
-def evaluate(model, processor, paths: dict[str, dict[str, Path]], config: SFTConfig) -> dict:
-    """Dense accuracy on val and test, and pruned accuracy on test, per family."""
-    report = {}
-    for family, splits in paths.items():
-        test_items = load_dataset(splits["test"])
-        report[family] = {
-            "val": dense_accuracy(model, processor, load_dataset(splits["val"]), config.eval_batch_size,
-                                  f"{family}/val"),
-            "test": dense_accuracy(model, processor, test_items, config.eval_batch_size, f"{family}/test"),
-            "test_pruned": keep_ratio_accuracy(model, processor, test_items[:config.pruned_eval_items],
-                                               config.keep_ratios),
-        }
-    return report
+    return judged_summary(items, completions)
 
 
 def run(config: SFTConfig) -> dict:
@@ -336,12 +278,7 @@ def run(config: SFTConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_paths, paths = ensure_splits(config)
-    train_items, opening_pool = [], []
-    for part, path in zip(config.train_parts, train_paths, strict=True):
-        part_items = load_dataset(path)
-        if part.opening:
-            opening_pool.extend(range(len(train_items), len(train_items) + len(part_items)))
-        train_items.extend(part_items)
+    train_items = [item for path in train_paths for item in load_dataset(path)]
     layouts = {task_id: layout for path in train_paths for task_id, layout in load_layouts(path).items()}
     # Answers stand alone, as they follow "assistant\n" in the prompt (no leading space).
     corpus = [text for it in train_items for text in (it.task.question, it.task.answer)]
@@ -356,7 +293,7 @@ def run(config: SFTConfig) -> dict:
         model.set_attn_implementation({"text_config": "eager",
                                        "vision_config": model.config.vision_config._attn_implementation})
     eval_items = {family: load_dataset(splits["val"])[:64] for family, splits in paths.items()}
-    losses = train(model, processor, train_items, layouts, config, eval_items, opening_pool)
+    losses = train(model, processor, train_items, layouts, config, eval_items)
     train_s = time.perf_counter() - started - data_s
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
@@ -367,7 +304,10 @@ def run(config: SFTConfig) -> dict:
         "final_loss": float(np.mean(losses[-50:])),
         "torch_threads": torch.get_num_threads(),
     }
-    report["eval"] = evaluate(model, processor, paths, config)
+    del model  # the evaluator loads the saved folder (HF scorer + vLLM), as sf-eval would
+    report["eval"] = evaluate_base(staging, config.data_dir, load_settings(SETTINGS_FILES),
+                                   parse_budgets(config.eval_budgets), fresh_dir_for(config.fresh_seed),
+                                   config.fresh_seed, config.fresh_items)
     report["timing_s"]["total"] = round(time.perf_counter() - started, 1)
     (staging / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(config.out, ignore_errors=True)
@@ -380,33 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m learner.sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in SFTConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "keep_ratios":
-            parser.add_argument(flag, type=float, nargs="*", help=field.description)
-        elif name == "train_parts":
-            continue
-        else:
-            parser.add_argument(flag, type=str, required=field.is_required(), help=field.description)
+        if name != "train_parts":
+            parser.add_argument("--" + name.replace("_", "-"), type=str, required=field.is_required(),
+                                help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     report = run(SFTConfig(**values))
-    print_summary(report)
+    print(f"timing {report['timing_s']} s")
+    print_summary(report["eval"])
 
-
-def print_summary(report: dict) -> None:
-    """A table of dense and pruned test accuracy per task, and the run's timing."""
-    from rich.console import Console
-    from rich.table import Table
-
-    ratios = list(report["config"]["keep_ratios"])
-    table = Table(title=f"base model: test accuracy (timing {report['timing_s']} s)")
-    for column in ["task", "val dense", "test dense", *[f"test r={r:g}" for r in ratios]]:
-        table.add_column(column)
-    for family, result in report["eval"].items():
-        pruned = result["test_pruned"]
-        cells = [f"{pruned['rows'][f'r={r:g}']['accuracy']:.3f}" if pruned["status"] == "ok" else "pending"
-                 for r in ratios]
-        table.add_row(family, f"{result['val']['accuracy']:.3f}", f"{result['test']['accuracy']:.3f}", *cells)
-    Console().print(table)
 
 if __name__ == "__main__":
     main()

@@ -60,8 +60,3 @@ def greedy_answers(
     inputs = {name: value.to(model.device) for name, value in inputs.items()}
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return decode_answers(processor, generated, inputs["input_ids"].shape[1])
-
-
-def normalize_answer(text: str) -> str:
-    """Case- and whitespace-folded answer without a trailing full stop, for exact-match scoring."""
-    return " ".join(text.strip().rstrip(".").lower().split())

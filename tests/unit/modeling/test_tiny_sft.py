@@ -6,7 +6,10 @@ import itertools
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from learner.eval_metrics import parse_budgets
+from learner.fresh_split import FRESH_SEED
 from learner.sft import SFTConfig, TrainPart, batch_indices, ensure_splits, learning_rate_at
 from services.data import load_dataset, open_image
 
@@ -42,10 +45,21 @@ def test_train_parts_and_eval_splits_are_generated_once_and_redone_on_recipe_cha
     assert eval_paths["digits"]["test"].stat().st_mtime_ns == stamps[eval_paths["digits"]["test"]]
 
 
-def test_opening_steps_draw_from_the_opening_pool_only_then_from_everything(tmp_path: Path) -> None:
-    config = SFTConfig(out=tmp_path, batch_size=4, opening_steps=3)
-    batches = batch_indices(20, range(5), config)
-    opening = [next(batches) for _ in range(3)]
-    assert all(len(batch) == 4 and set(batch) <= set(range(5)) for batch in opening)
-    later = [index for _ in range(5) for index in next(batches)]
-    assert sorted(later) == list(range(20))
+def test_batches_are_seeded_shuffled_passes_over_every_item(tmp_path: Path) -> None:
+    config = SFTConfig(out=tmp_path, batch_size=4)
+    batches = batch_indices(20, config)
+    first_pass = [index for _ in range(5) for index in next(batches)]
+    assert sorted(first_pass) == list(range(20)) and first_pass != list(range(20))
+    again = batch_indices(20, config)
+    assert [next(again) for _ in range(5)] == [first_pass[i:i + 4] for i in range(0, 20, 4)]
+
+
+def test_knobs_tried_and_not_adopted_are_gone_and_the_report_budgets_are_sf_evals(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="opening_steps"):
+        SFTConfig(out=tmp_path, opening_steps=3)
+    with pytest.raises(ValidationError, match="keep_ratios"):
+        SFTConfig(out=tmp_path, keep_ratios=(0.5,))
+    config = SFTConfig(out=tmp_path)
+    assert [budget.label for budget in parse_budgets(config.eval_budgets)] == [
+        "r=1", "r=0.5", "r=0.25", "r=0.125", "tau=0.94", "tau=0.975"]
+    assert config.fresh_seed == FRESH_SEED != config.seed
