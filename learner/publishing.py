@@ -1,8 +1,13 @@
-"""Publish the policy as weight version N: save_pretrained, hash + atomic copy, announce on Redis, prune old."""
+"""Publish the policy as weight version N: one hashed pass into <weights_root>/v<N>, announce on Redis, prune.
+
+The tensors go straight from the snapshot into the version's safetensors blob, hashed chunk by chunk as they
+are written (services.weights.stream); there is no save_pretrained staging folder and no second read. With
+learner.weights_root on a tmpfs (/dev/shm) the bytes move once through memory.
+"""
 
 from __future__ import annotations
 
-import json
+import copy
 import shutil
 import time
 from collections.abc import Callable
@@ -13,62 +18,75 @@ from typing import Any
 
 import redis
 import torch
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from services.schemas import WeightVersion
-from services.weights import announce_weights, publish_weights_folder
+from services.weights import announce_weights, write_weights_version
 
 
 @dataclass(frozen=True)
 class PublishTimings:
     """Where the time of one publish went (seconds)."""
 
-    save_s: float
-    copy_and_hash_s: float
+    write_s: float
     announce_s: float
 
     @property
     def total_s(self) -> float:
-        """Whole publish, save to announcement."""
-        return self.save_s + self.copy_and_hash_s + self.announce_s
+        """Whole publish, first byte written to announcement."""
+        return self.write_s + self.announce_s
+
+
+def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors save_pretrained would write, under the names it would write them: tied copies dropped and
+    the checkpoint's own names restored (transformers renames some on load, e.g. Qwen2.5-VL's
+    model.language_model.*), so vLLM and from_pretrained read the version like any HF folder."""
+    # The two steps save_pretrained itself runs before writing (transformers.modeling_utils.save_pretrained).
+    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(state_dict), model))
+
+
+def _config_writer(model: torch.nn.Module, processor: Any, dtype: torch.dtype) -> Callable[[Path], None]:
+    """Writes config.json (with the published dtype), generation_config.json and the processor files."""
+    config = copy.deepcopy(model.config)  # the live model's config is left as it is
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(model).__name__]
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+    return write
 
 
 def publish_policy(
-    model: torch.nn.Module, processor: Any, *, staging: Path, weights_root: Path, version: int, learner_step: int,
+    model: torch.nn.Module, processor: Any, *, weights_root: Path, version: int, learner_step: int,
     client: redis.Redis | None, run_name: str, keep_versions: int = 3, dtype: torch.dtype | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, staging: Path | None = None,
 ) -> tuple[WeightVersion, PublishTimings]:
-    """Save the model (+ processor files, so vLLM loads the folder) as version `version` and announce it.
+    """Write the model (+ config and processor files, so vLLM loads the folder) as version `version`, announce it.
 
     dtype: what the published tensors are cast to (the checkpoint's own dtype when the learner trains fp32
-    master weights for a bf16 checkpoint); None keeps the model's. state_dict: a snapshot to save instead of
-    the model's live tensors (``weights_snapshot``), so training can go on while this runs on another thread.
+    master weights for a bf16 checkpoint); None keeps the model's. state_dict: a snapshot to write instead of
+    the model's live tensors (``weights_snapshot``), so training can go on while this runs on another thread;
+    its tensors may sit on the GPU (each is brought to host memory as it is written). staging: unused (versions
+    are written in place under weights_root and renamed when complete); accepted so older callers still work.
     """
     started = time.perf_counter()
-    shutil.rmtree(staging, ignore_errors=True)
     if state_dict is None and dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         state_dict = weights_snapshot(model, dtype)
-    if state_dict is not None:
-        state_dict = {name: tensor.cpu() for name, tensor in state_dict.items()}  # safetensors writes host memory
-    model.save_pretrained(staging, state_dict=state_dict)
-    if dtype is not None and state_dict is not None:  # save_pretrained writes the model's own dtype
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        name = str(dtype).removeprefix("torch.")
-        config["dtype"] = name
-        if "torch_dtype" in config:  # older transformers wrote this key
-            config["torch_dtype"] = name
-        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if processor is not None:
-        processor.save_pretrained(staging)
-    saved = time.perf_counter()
-    weight_version = publish_weights_folder(staging, weights_root, version, learner_step)
-    copied = time.perf_counter()
+    tensors = checkpoint_tensors(model, state_dict if state_dict is not None else model.state_dict())
+    published_dtype = dtype if dtype is not None else next(model.parameters()).dtype
+    weight_version = write_weights_version(tensors, weights_root, version, learner_step=learner_step,
+                                           write_config=_config_writer(model, processor, published_dtype))
+    written = time.perf_counter()
     if client is not None:
         announce_weights(client, run_name, weight_version)
     announced = time.perf_counter()
-    shutil.rmtree(staging, ignore_errors=True)
     prune_versions(weights_root, keep_versions)
-    return weight_version, PublishTimings(saved - started, copied - saved, announced - copied)
+    return weight_version, PublishTimings(written - started, announced - written)
 
 
 def prune_versions(weights_root: Path, keep: int) -> list[Path]:

@@ -242,7 +242,20 @@ class WeightVersion(WireModel):
 
     version: int = Field(ge=0)
     uri: str = Field(min_length=1, description="Where the weights are: a folder path or a Redis key.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hash of the weights blob.")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 over the folder's weight files (a copied HF folder)."
+    )
+    manifest_blake3: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="blake3 of the folder's manifest.json, which lists a blake3 per chunk of every weight file "
+        "(a version written in one pass: services.weights.stream).",
+    )
     num_bytes: int = Field(ge=0)
     learner_step: int = Field(0, ge=0)
     created_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _one_hash(self) -> WeightVersion:
+        if (self.sha256 is None) == (self.manifest_blake3 is None):
+            raise ValueError("a WeightVersion carries exactly one of sha256 and manifest_blake3")
+        return self

@@ -1,4 +1,4 @@
-"""Versioned policy weights: publish a folder with its hash, announce it on Redis, verify before loading."""
+"""Versioned policy weights: write a version with its hashes, announce it on Redis, verify what is loaded."""
 
 from services.weights.store import (
     WeightIntegrityError,
@@ -10,14 +10,26 @@ from services.weights.store import (
     weights_channel,
     weights_key,
 )
+from services.weights.stream import (
+    copy_verified_version,
+    link_version,
+    load_verified_into,
+    verified_tensors,
+    write_weights_version,
+)
 
 __all__ = [
     "WeightIntegrityError",
     "announce_weights",
+    "copy_verified_version",
     "hash_weights_folder",
     "latest_weight_version",
+    "link_version",
+    "load_verified_into",
     "publish_weights_folder",
+    "verified_tensors",
     "verify_weights",
     "weights_channel",
     "weights_key",
+    "write_weights_version",
 ]

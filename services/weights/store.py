@@ -18,15 +18,12 @@ from pathlib import Path
 import redis
 
 from services.schemas import WeightVersion, decode, encode
+from services.weights.manifest import MODEL_CONFIG_FILES, WeightIntegrityError
+from services.weights.stream import copy_verified_version, verify_version
+
+__all__ = ["MODEL_CONFIG_FILES", "WeightIntegrityError"]  # re-exported: callers import them from here
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
-# Read by from_pretrained / vLLM next to the blobs (the index maps a sharded model's tensors to its blobs);
-# the processor files are not reloaded with new weights.
-MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-
-
-class WeightIntegrityError(RuntimeError):
-    """A weight folder is missing, or its hash does not match its announcement."""
 
 
 def weights_key(run_name: str) -> str:
@@ -123,6 +120,8 @@ def copy_verified_weights(weight_version: WeightVersion, destination: Path) -> P
     source = Path(weight_version.uri)
     if not source.is_dir():
         raise FileNotFoundError(f"weights v{weight_version.version}: folder {source} does not exist")
+    if weight_version.manifest_blake3 is not None:  # written in one pass: checked chunk by chunk
+        return copy_verified_version(weight_version, destination)
     destination.mkdir(parents=True)
     sha256, num_bytes = _hash_files(weight_files(source), copy_to=destination)
     _check_hash(weight_version, source, sha256, num_bytes)
@@ -130,10 +129,14 @@ def copy_verified_weights(weight_version: WeightVersion, destination: Path) -> P
 
 
 def verify_weights(weight_version: WeightVersion) -> Path:
-    """Check the announced folder's hash and size; return the folder, or raise WeightIntegrityError."""
+    """Check the announced folder's hash and size (or every chunk against its manifest); return the folder, or
+    raise WeightIntegrityError."""
     folder = Path(weight_version.uri)
     if not folder.is_dir():
         raise WeightIntegrityError(f"weights v{weight_version.version}: folder {folder} does not exist")
+    if weight_version.manifest_blake3 is not None:
+        verify_version(weight_version)
+        return folder
     sha256, num_bytes = hash_weights_folder(folder)
     _check_hash(weight_version, folder, sha256, num_bytes)
     return folder
