@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import regex
 
@@ -18,6 +18,9 @@ from services.data.loader import DatasetItem
 from services.data.scenes import COLOURS, SHAPES
 from services.settings.models import RewardSettings
 
+if TYPE_CHECKING:
+    from reward_server.rewards import CheckResult
+
 _DEFAULT_REWARDS = RewardSettings()
 
 
@@ -25,18 +28,27 @@ class EvaluationError(RuntimeError):
     """An evaluation that cannot go on (e.g. a task whose reference answer cannot be checked)."""
 
 
+def judge_item(
+    item: DatasetItem, completion: str, rel_tol: float = _DEFAULT_REWARDS.number_rel_tolerance,
+    abs_tol: float = _DEFAULT_REWARDS.number_abs_tolerance,
+) -> CheckResult:
+    """The reward server checker's verdict: correct, what it read, and the credit in [0, 1] (`.score`;
+    fractional for answer_type 'vqa', whose human answers it passes on)."""
+    from reward_server.rewards import InvalidReferenceError, check_answer
+
+    task = item.task
+    try:
+        return check_answer(completion, task.answer, task.answer_type, task.choices, rel_tol, abs_tol, task.answers)
+    except InvalidReferenceError as error:
+        raise EvaluationError(f"task {task.id}: {error.field}: {error}") from error
+
+
 def judge(
     item: DatasetItem, completion: str, rel_tol: float = _DEFAULT_REWARDS.number_rel_tolerance,
     abs_tol: float = _DEFAULT_REWARDS.number_abs_tolerance,
 ) -> tuple[bool, str | None]:
     """Whether a completion answers the item correctly, by the reward server's checker; and what it read."""
-    from reward_server.rewards import InvalidReferenceError, check_answer
-
-    task = item.task
-    try:
-        result = check_answer(completion, task.answer, task.answer_type, task.choices, rel_tol, abs_tol)
-    except InvalidReferenceError as error:
-        raise EvaluationError(f"task {task.id}: {error.field}: {error}") from error
+    result = judge_item(item, completion, rel_tol, abs_tol)
     return result.correct, result.parsed_answer
 
 
