@@ -36,9 +36,13 @@ def stored_dtype(model_path: Path, configured: str) -> str:
 def build_llm(model_path: Path, settings: Settings):
     """A vLLM engine for the policy, sized by settings.rollout (CPU KV cache or GPU memory share)."""
     rollout = settings.rollout
-    if not torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
         # The CPU backend sizes its KV cache from this variable only; settings own the value.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{rollout.vllm_kv_cache_gb:g}"
+    in_process = (not on_gpu) if rollout.vllm_in_process is None else rollout.vllm_in_process
+    # vLLM reads this switch only from the environment, when the engine is built.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     from vllm import LLM
 
     return LLM(
@@ -86,7 +90,13 @@ class VllmRolloutEngine:
 
     def load_weights(self, folder: Path) -> None:
         """Reload vLLM in place from the folder, and the HF scorer from the same files."""
+        model_config = self.llm.llm_engine.model_config
+        source = (model_config.model, model_config.model_weights, model_config.revision)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        # reload_weights points the worker's model config at the weight folder; with the engine in this
+        # process that config is also the front end's, whose processor would then be looked for in a folder
+        # that holds weights alone. The processor never changes: keep the front end on the original source.
+        model_config.model, model_config.model_weights, model_config.revision = source
         # reload_weights clears the workers' encoder cache but neither the scheduler's record of it (the
         # next request for a cached image then fails with "Encoder cache miss") nor the prefix cache, whose
         # KV blocks were computed by the old weights. Reset all three caches together.

@@ -133,6 +133,12 @@ class RolloutSettings(StrictModel):
     vllm_max_model_len: int = Field(2048, ge=64, description="Longest prompt + completion.")
     vllm_enforce_eager: bool = Field(True, description="No CUDA graphs / compilation (required on CPU).")
     vllm_dtype: str = Field("auto", description="Model dtype for vLLM ('auto', 'float32', 'bfloat16').")
+    vllm_in_process: bool | None = Field(
+        None,
+        description="Run vLLM's engine core inside the worker's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Its "
+        "separate processes busy-poll shared memory for a second after each step, about one core on a small CPU "
+        "box; None: in process on CPU, separate processes on GPU (where they overlap scheduling with compute).",
+    )
 
 
 def paper_budgets() -> list[Budget]:
