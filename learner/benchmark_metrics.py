@@ -14,13 +14,12 @@ Every dict has "primary" (the metric's name), "value" and "ci95" (of the primary
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from learner.eval_metrics import Z_95, wilson_interval
+from learner.eval_metrics import mean_interval
 from services.benchmarks.mme import COGNITION, PERCEPTION
 
 
@@ -31,15 +30,6 @@ class ScoredItem:
     group: str
     category: str
     score: float
-
-
-def mean_interval(scores: Sequence[float]) -> tuple[float, float]:
-    """95% CI of a mean score: Wilson when every score is 0 or 1, else the normal interval clipped to [0, 1]."""
-    if all(score in (0.0, 1.0) for score in scores):
-        return wilson_interval(round(sum(scores)), len(scores))
-    mean = statistics.fmean(scores)
-    half = Z_95 * statistics.pstdev(scores) / math.sqrt(len(scores))
-    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _by(scored: Sequence[ScoredItem], key: Callable[[ScoredItem], str]) -> dict[str, list[ScoredItem]]:

@@ -68,6 +68,17 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     return low, high
 
 
+def mean_interval(scores: Sequence[float], z: float = Z_95) -> tuple[float, float]:
+    """95% CI of a mean credit: Wilson when every score is 0 or 1, else the normal interval clipped to [0, 1]."""
+    if not scores:
+        raise ValueError("no scores to take the interval of")
+    if all(score in (0.0, 1.0) for score in scores):
+        return wilson_interval(round(sum(scores)), len(scores), z)
+    mean = statistics.fmean(scores)
+    half = z * statistics.pstdev(scores) / math.sqrt(len(scores))
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 @dataclass(frozen=True)
 class ItemOutcome:
     """One (item, budget) result: correctness, how much was pruned, and the tokens the request held."""
@@ -77,6 +88,14 @@ class ItemOutcome:
     visual_tokens_total: int
     engine_prompt_tokens: int  # the prompt as vLLM ran it: kept placeholders + text
     completion_tokens: int
+    score: float | None = None  # the checker's credit where it grades ('vqa'); None: 1 when correct, else 0
+
+    @property
+    def credit(self) -> float:
+        """The item's credit in [0, 1]: its graded score, else 1 when correct and 0 when not."""
+        if self.score is not None:
+            return self.score
+        return 1.0 if self.correct else 0.0
 
     @property
     def reduction_ratio(self) -> float:
@@ -115,19 +134,20 @@ def decode_tokens_per_s(timing: BatchTiming) -> float | None:
 def summarize_budget(
     budget: Budget, outcomes: Sequence[ItemOutcome], timing: BatchTiming | None = None
 ) -> dict[str, object]:
-    """One table row: accuracy with its Wilson 95% CI, reduction mean/std/min/max, KV entries, speed."""
+    """One table row: accuracy (mean credit) with its 95% CI (mean_interval), reduction mean/std/min/max, KV entries, speed."""
     if not outcomes:
         raise ValueError(f"budget {budget.label} has no outcomes to summarize")
     correct = sum(outcome.correct for outcome in outcomes)
+    credits = [outcome.credit for outcome in outcomes]
     reductions = [outcome.reduction_ratio for outcome in outcomes]
-    low, high = wilson_interval(correct, len(outcomes))
+    low, high = mean_interval(credits)
     row: dict[str, object] = {
         "budget": budget.label,
         "kind": budget.kind,
         "value": budget.value,
         "items": len(outcomes),
-        "correct": correct,
-        "accuracy": correct / len(outcomes),
+        "correct": correct,  # full credit
+        "accuracy": statistics.fmean(credits),  # correct / items, or the mean graded credit ('vqa')
         "accuracy_ci95": [low, high],
         "reduction_mean": statistics.fmean(reductions),
         "reduction_std": statistics.pstdev(reductions),

@@ -3,12 +3,17 @@
 Run: `sf-eval --model FOLDER [--label NAME] [--model FOLDER2 --label NAME2] --dataset TASKS.jsonl
 --budgets r=1,r=0.5,tau=0.975 --out DIR` (or `python -m learner.evaluate ...`). It prints a table and
 writes DIR/eval.json, DIR/accuracy_vs_reduction.png and DIR/predictions-<label>.jsonl.
+Standard benchmarks: `--benchmark FORMAT=PATH` (repeatable; mme, mmbench [--circular], textvqa, chartqa; read by
+``services.benchmarks``), alone or beside --dataset. Each benchmark gets its rows (with its own metrics:
+learner/benchmark_metrics.py) in one table, eval.json's "benchmarks" list and, when there are several, its
+own accuracy_vs_reduction-<name>.png of its primary metric; the top-level rows then pool every item.
 
 How each number is measured:
 - accuracy: greedy completions (temperature 0) from the pruned rollout path the workers use
   (``services.rollout.pruned``: score each image once, every budget selects from those scores, one vLLM
   batch), judged by the reward server's checkers (``learner.judging.judge``: ``check_answer`` by
-  answer_type, the one judge of every evaluation). 95% CI: Wilson.
+  answer_type, the one judge of every evaluation). An item's credit is 0 or 1, or the VQA accuracy in [0, 1]
+  for 'vqa' items; accuracy is the mean credit. 95% CI: Wilson (normal interval when credits are fractional).
 - reduction ratio: 1 - kept/total visual tokens of each request; mean, std (population), min and max.
 - prefill time: each budget's batch (the first --speed-items items) run through ``llm.generate`` with
   max_tokens=1 after resetting vLLM's prefix, encoder and multimodal caches; wall time / requests. It
@@ -40,9 +45,17 @@ from pathlib import Path
 from typing import Any
 
 from learner.eval_metrics import BatchTiming, BudgetParseError, ItemOutcome, parse_budgets, summarize_budget
-from learner.judging import EvaluationError, judge
+from learner.eval_suites import (
+    Suite,
+    benchmark_argument,
+    load_suites,
+    primary_rows,
+    primary_text,
+    suite_metrics,
+)
+from learner.judging import EvaluationError, judge_item
 from learner.progress import ChunkProgress
-from services.data.loader import DatasetError, DatasetItem, load_dataset, open_image
+from services.data.loader import DatasetError, DatasetItem, open_image
 from services.schemas.models import Budget
 from services.settings import SettingsError, add_settings_arguments, settings_from_args
 from services.settings.models import Settings
@@ -74,10 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HF model folder; give it twice to compare two models (e.g. base, trained)")
     parser.add_argument("--label", action="append", default=[], metavar="NAME",
                         help="name of each --model in the table and plot (default: the folder name)")
-    parser.add_argument("--dataset", required=True, type=Path, metavar="JSONL", help="task file to evaluate on")
+    parser.add_argument("--dataset", type=Path, metavar="JSONL", help="task file to evaluate on")
+    parser.add_argument("--benchmark", action="append", default=[], type=benchmark_argument, metavar="FORMAT=PATH",
+                        help="a standard benchmark to evaluate on (repeatable): mme=FOLDER, mmbench=TSV, "
+                             "textvqa=JSON, chartqa=JSON|FOLDER; see the README's dataset formats")
+    parser.add_argument("--circular", action="store_true",
+                        help="mmbench: ask every rotation of the options; a question counts if all are right")
     parser.add_argument("--budgets", type=_budgets_argument, default=parse_budgets(DEFAULT_BUDGETS),
                         metavar="LIST", help=f"comma-separated r=<keep ratio> / tau=<mass> (default {DEFAULT_BUDGETS})")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate the first N items of each dataset/benchmark only (whole groups)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="completion length cap (default: rollout.max_new_tokens)")
     parser.add_argument("--batch-items", type=int, default=32, metavar="N",
@@ -181,18 +200,20 @@ class ModelEvaluator:
         score_s = results[0].score_s * len(results)
         for request_index, result in enumerate(results):
             item = chunk[request_index // len(budgets)]
-            correct, parsed = judge(item, result.completion_text, rewards.number_rel_tolerance,
-                                    rewards.number_abs_tolerance)
+            verdict = judge_item(item, result.completion_text, rewards.number_rel_tolerance,
+                                 rewards.number_abs_tolerance)
+            correct, parsed = verdict.correct, verdict.parsed_answer
             label = result.budget.label
             rollouts[label].append(result)
             outcomes[label].append(ItemOutcome(
                 correct=correct, visual_tokens_kept=result.visual_tokens_kept,
                 visual_tokens_total=result.visual_tokens_total,
                 engine_prompt_tokens=len(result.engine_prompt_token_ids),
-                completion_tokens=len(result.completion_token_ids),
+                completion_tokens=len(result.completion_token_ids), score=verdict.partial_credit,
             ))
             predictions.append({
                 "id": item.task.id, "budget": label, "answer": item.task.answer, "correct": correct,
+                "score": verdict.score,
                 "parsed_answer": parsed, "completion": result.completion_text,
                 "visual_tokens_kept": result.visual_tokens_kept,
                 "visual_tokens_total": result.visual_tokens_total,
@@ -230,31 +251,52 @@ class ModelEvaluator:
                            repeats=repeats)
 
 
+@dataclass(frozen=True)
+class SuiteRun:
+    """One model on one suite: a row per budget (with the benchmark's metrics) and its prediction records."""
+
+    rows: list[dict[str, object]]
+    predictions: list[dict[str, object]]
+
+
 def evaluate_model(
-    spec: ModelSpec, settings: Settings, items: Sequence[DatasetItem], budgets: Sequence[Budget],
+    spec: ModelSpec, settings: Settings, suites: Sequence[Suite], budgets: Sequence[Budget],
     max_new_tokens: int, batch_items: int, speed_items: int, speed_repeats: int = 3, decode_tokens: int = 64,
-) -> tuple[dict[str, object], list[dict[str, object]]]:
-    """The model's summary (one row per budget) and its prediction records."""
+) -> tuple[dict[str, object], list[SuiteRun]]:
+    """The model's summary (rows over every item pooled) and, per suite, its rows and predictions.
+
+    One engine answers every suite's items in one accuracy run; timing runs use each suite's first items.
+    """
     from rollout_worker.vllm_engine import stored_dtype  # vllm loads lazily, after argument checks
 
     dtype = stored_dtype(spec.path, settings.rollout.vllm_dtype)
+    items = [item for suite in suites for item in suite.dataset_items]
     evaluator = ModelEvaluator(spec, settings)
     try:
         outcomes, predictions, rollouts, score_ms = evaluator.accuracy_run(items, budgets, max_new_tokens, batch_items)
-        timed = items[:speed_items]
-        timings: dict[str, BatchTiming | None] = {budget.label: None for budget in budgets}
-        if timed:
-            with ChunkProgress(f"{spec.label} timing", len(budgets), "budgets") as progress:
-                for budget in budgets:
-                    timings[budget.label] = evaluator.timing_run(
-                        timed, rollouts[budget.label][: len(timed)], decode_tokens, speed_repeats)
-                    progress.advance(1)
-        rows = [summarize_budget(budget, outcomes[budget.label], timings[budget.label]) for budget in budgets]
+        runs, start = [], 0
+        for suite in suites:
+            end = start + len(suite.items)
+            timed = suite.dataset_items[:speed_items]
+            timings: dict[str, BatchTiming | None] = {budget.label: None for budget in budgets}
+            if timed:
+                with ChunkProgress(f"{spec.label} {suite.name} timing", len(budgets), "budgets") as progress:
+                    for budget in budgets:
+                        timings[budget.label] = evaluator.timing_run(
+                            timed, rollouts[budget.label][start : start + len(timed)], decode_tokens, speed_repeats)
+                        progress.advance(1)
+            rows = []
+            for budget in budgets:
+                row = summarize_budget(budget, outcomes[budget.label][start:end], timings[budget.label])
+                rows.append({**row, "metrics": suite_metrics(suite, outcomes[budget.label][start:end])})
+            runs.append(SuiteRun(rows, predictions[start * len(budgets) : end * len(budgets)]))
+            start = end
     finally:
         evaluator.close()
+    pooled = runs[0].rows if len(runs) == 1 else [summarize_budget(budget, outcomes[budget.label]) for budget in budgets]
     summary = {"label": spec.label, "path": str(spec.path), "vllm_dtype": dtype,
-               "score_ms_per_item": score_ms, "rows": rows}
-    return summary, predictions
+               "score_ms_per_item": score_ms, "rows": pooled}
+    return summary, runs
 
 
 def _format_speed(row: dict[str, Any]) -> tuple[str, str]:
@@ -272,24 +314,30 @@ def print_table(results: dict[str, Any]) -> None:
 
     table = Table(title=f"sf-eval: {results['dataset']} ({results['items']} items, greedy, "
                         f"max {results['max_new_tokens']} new tokens)")
-    for column in ("model", "budget", "reduction mean ± std [min, max]", "accuracy [95% CI]",
-                   "prefill ms/req", f"decode tok/s ({results['decode_tokens']}-token runs)", "KV entries/req"):
-        table.add_column(column, justify="left" if column in ("model", "budget") else "right")
-    for model in results["models"]:
-        for row in model["rows"]:
-            low, high = row["accuracy_ci95"]
-            table.add_row(
-                model["label"], row["budget"],
-                f"{row['reduction_mean']:.3f} ± {row['reduction_std']:.3f} "
-                f"[{row['reduction_min']:.3f}, {row['reduction_max']:.3f}]",
-                f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}]", *_format_speed(row),
-                f"{row['kv_entries_mean']:.1f}",
-            )
-    Console(width=160).print(table)
+    for column in ("benchmark", "model", "budget", "reduction mean ± std [min, max]", "accuracy [95% CI]",
+                   "benchmark metric", "prefill ms/req", f"decode tok/s ({results['decode_tokens']}-token runs)",
+                   "KV entries/req"):
+        table.add_column(column, justify="left" if column in ("benchmark", "model", "budget") else "right")
+    # One table for every benchmark: a row per (benchmark, model, budget).
+    for benchmark in results["benchmarks"]:
+        for model in benchmark["models"]:
+            for row in model["rows"]:
+                low, high = row["accuracy_ci95"]
+                table.add_row(
+                    benchmark["name"], model["label"], row["budget"],
+                    f"{row['reduction_mean']:.3f} ± {row['reduction_std']:.3f} "
+                    f"[{row['reduction_min']:.3f}, {row['reduction_max']:.3f}]",
+                    f"{row['accuracy']:.3f} [{low:.3f}, {high:.3f}]", primary_text(row), *_format_speed(row),
+                    f"{row['kv_entries_mean']:.1f}",
+                )
+    Console(width=200).print(table)
 
 
-def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Accuracy (Wilson 95% CI bars) against mean reduction ratio per model: keep ratios as a line, thresholds as squares."""
+def plot_results(results: dict[str, Any], path: Path, metric: str = "accuracy") -> None:
+    """Accuracy (95% CI bars) against mean reduction ratio per model: keep ratios as a line, thresholds as squares.
+
+    `metric` names what the rows' accuracy holds (a benchmark's primary metric in its own plot); a "title" key
+    in results replaces the dataset-path title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,14 +367,15 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
                               xytext=(6, 10 if index % 2 else -14), fontsize=8, color=color,
                               bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "lw": 0})
     axes.set_xlabel("visual-token reduction ratio (mean)")
-    axes.set_ylabel("accuracy (95% Wilson CI)")
+    axes.set_ylabel(f"{metric} (95% CI)")
     axes.set_xlim(-0.05, 1.05)
     # Zoom to the data (in steps of 0.1) so that one-point differences show; the axis says where it starts.
     axes.set_ylim(max(0.0, math.floor(lowest * 10) / 10 - 0.05), 1.02)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower left")
     dataset = Path(results["dataset"])
-    axes.set_title(f"{dataset.parent.name}/{dataset.name}: accuracy vs reduction ({results['items']} items)")
+    title = results.get("title", f"{dataset.parent.name}/{dataset.name}")
+    axes.set_title(f"{title}: {metric} vs reduction ({results['items']} items)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -341,6 +390,12 @@ def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str,
     out.mkdir(parents=True, exist_ok=True)
     (out / JSON_NAME).write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, out / PLOT_NAME)
+    for benchmark in results["benchmarks"]:
+        if benchmark["plot"] != PLOT_NAME:
+            metric = benchmark["models"][0]["rows"][0]["metrics"]["primary"]
+            models = [{**model, "rows": primary_rows(model["rows"])} for model in benchmark["models"]]
+            plot_results({"dataset": benchmark["data"], "title": benchmark["name"], "items": benchmark["items"],
+                          "models": models}, out / benchmark["plot"], metric)
     for label, records in predictions.items():
         with (out / f"predictions-{_file_label(label)}.jsonl").open("w") as lines:
             lines.writelines(json.dumps(record) + "\n" for record in records)
@@ -349,21 +404,33 @@ def write_outputs(results: dict[str, Any], predictions: dict[str, list[dict[str,
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Evaluate every model on every budget; write and return the results."""
     specs = model_specs(args.model, args.label)
-    items = load_dataset(args.dataset)[: args.limit]
+    suites = load_suites(args.dataset, args.benchmark, args.limit, args.circular, args.out)
+    items = [item for suite in suites for item in suite.items]
     max_new_tokens = args.max_new_tokens or settings.rollout.max_new_tokens
+    single = len(suites) == 1
     results: dict[str, Any] = {
-        "dataset": str(args.dataset), "items": len(items), "budgets": [b.label for b in args.budgets],
+        "dataset": str(suites[0].data) if single else " + ".join(suite.name for suite in suites),
+        "items": len(items), "budgets": [b.label for b in args.budgets],
         "decoding": "greedy", "max_new_tokens": max_new_tokens, "speed_items": min(args.speed_items, len(items)),
         "speed_repeats": args.speed_repeats, "decode_tokens": args.decode_tokens,
         "scorer": settings.sparsity.scorer, "scorer_layer": settings.sparsity.scorer_layer,
         "models": [], "plot": PLOT_NAME,
+        "benchmarks": [{"name": suite.name, "format": suite.format, "data": str(suite.data), "items": len(suite.items),
+                        "circular": args.circular and suite.format == "mmbench", "models": [],
+                        "plot": PLOT_NAME if single else f"accuracy_vs_reduction-{_file_label(suite.name)}.png"}
+                       for suite in suites],
     }
+    if not single:
+        results["title"] = "all benchmarks pooled"
     predictions = {}
     for spec in specs:
-        summary, predictions[spec.label] = evaluate_model(
-            spec, settings, items, args.budgets, max_new_tokens, args.batch_items, args.speed_items,
-            args.speed_repeats, args.decode_tokens)
+        summary, runs = evaluate_model(spec, settings, suites, args.budgets, max_new_tokens, args.batch_items,
+                                       args.speed_items, args.speed_repeats, args.decode_tokens)
         results["models"].append(summary)
+        predictions[spec.label] = []
+        for benchmark, suite_run in zip(results["benchmarks"], runs):
+            benchmark["models"].append({"label": spec.label, "rows": suite_run.rows})
+            predictions[spec.label] += [{"benchmark": benchmark["name"], **record} for record in suite_run.predictions]
     write_outputs(results, predictions, args.out)
     return results
 
@@ -380,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--speed-items must be >= 0, got {args.speed_items}")
     if args.decode_tokens < 2:
         parser.error(f"--decode-tokens must be >= 2 (one prefill token plus decoding), got {args.decode_tokens}")
+    if args.dataset is None and not args.benchmark:
+        parser.error("give --dataset JSONL or at least one --benchmark FORMAT=PATH")
     try:
         model_specs(args.model, args.label)
         settings = settings_from_args(args)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.benchmark_metrics import ScoredItem, benchmark_metrics, mean_interval
-from learner.eval_metrics import wilson_interval
+from learner.benchmark_metrics import ScoredItem, benchmark_metrics
+from learner.eval_metrics import mean_interval, wilson_interval
 from reward_server.rewards import check_answer
 from services.benchmarks import BenchmarkItem, load_benchmark
 
@@ -115,3 +115,15 @@ def test_mean_interval_is_wilson_for_binary_scores() -> None:
 def test_unknown_or_empty_benchmark_is_refused() -> None:
     with pytest.raises(ValueError, match="no judged items"):
         benchmark_metrics("mme", [])
+
+
+def test_budget_row_averages_graded_credits() -> None:
+    from learner.eval_metrics import ItemOutcome, parse_budget, summarize_budget
+
+    outcomes = [ItemOutcome(correct=score == 1.0, visual_tokens_kept=16, visual_tokens_total=64,
+                            engine_prompt_tokens=40, completion_tokens=2, score=score) for score in (0.9, 1.0, 0.6)]
+    row = summarize_budget(parse_budget("r=0.25"), outcomes)
+    assert row["accuracy"] == pytest.approx(2.5 / 3) and row["correct"] == 1
+    assert row["accuracy_ci95"] == pytest.approx([0.6410, 1.0], abs=1e-4)
+    binary = [ItemOutcome(True, 16, 64, 40, 2), ItemOutcome(False, 16, 64, 40, 2)]
+    assert summarize_budget(parse_budget("r=0.25"), binary)["accuracy_ci95"] == list(wilson_interval(1, 2))

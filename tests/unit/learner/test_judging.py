@@ -10,7 +10,7 @@ import pytest
 
 import learner.evaluate
 from learner.fresh_split import FRESH_SEED, fresh_split
-from learner.judging import EvaluationError, judge, judged_summary, question_kind
+from learner.judging import EvaluationError, judge, judge_item, judged_summary, question_kind
 from reward_server.rewards import score_item
 from services.data.loader import DatasetItem, load_dataset
 from services.schemas.models import AnswerType, ScoreItem, Task
@@ -50,7 +50,8 @@ def test_judge_agrees_with_the_reward_servers_score(reference, answer_type, choi
 
 
 def test_sf_eval_and_the_eval_report_use_the_same_judge() -> None:
-    assert learner.evaluate.judge is judge and learner.evaluate.EvaluationError is EvaluationError
+    # sf-eval calls judge_item (the verdict with its credit); judge is judge_item's (correct, parsed).
+    assert learner.evaluate.judge_item is judge_item and learner.evaluate.EvaluationError is EvaluationError
     items = [_item(reference, kind, choices=choices) for reference, kind, choices, _, _ in CASES]
     completions = [completion for *_, completion, _ in CASES]
     summary = judged_summary(items, completions)
