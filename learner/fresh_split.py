@@ -36,7 +36,7 @@ def fresh_split(committed: Path, out_root: Path, seed: int = FRESH_SEED, items: 
     if path.is_file() and _recipe_path(path).is_file() and json.loads(_recipe_path(path).read_text()) == fresh_recipe:
         return path
     spec = recipe["spec"]
-    sizes = SplitSizes(**{name: fresh_recipe["items"] if name == split else 0 for name in ("train", "val", "test")})
+    sizes = SplitSizes(**{name: fresh_recipe["items"] if name == split else 0 for name in SplitSizes.model_fields})
     written = build_family(
         family, out_root, seed, sizes, scene_spec=SceneSpec(**spec) if family == "scenes" else None,
         digit_spec=DigitGridSpec(**spec) if family == "digits" else None, splits=(split,))[split]

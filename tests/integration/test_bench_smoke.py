@@ -73,3 +73,20 @@ def test_gpu_learner_bench_quick_mode_runs_every_section_on_toy_shapes(tmp_path:
             > survival["bf16_weights_in_place"]["fraction_changed_where_grad_nonzero"])
     assert set(written["b_pruned_forward_backward"]["per_keep_ratio"]) == {"r=1", "r=0.5", "r=0.25", "r=0.125"}
     assert written["d_vision_attention"]["speedup_packed"] > 0
+
+
+def test_fidelity_bench_quick_mode_trains_evaluates_and_judges_the_claims(tmp_path: Path) -> None:
+    result = run_quick_bench("bench/fidelity.py", tmp_path, timeout=900)
+    written = json.loads((tmp_path / "fidelity.json").read_text())
+    (row,) = written["rows"]
+    assert (row["family"], row["seed"], row["steps"]) == ("digits", 0, 2)
+    assert written["config"]["eval_seed"] == 2026 and written["config"]["eval_items"] == 8
+    for key in ("base_dense", "base_r025", "trained_dense", "trained_r025", "trained_tau0975_accuracy",
+                "trained_tau0975_reduction", "base_tau0975_reduction"):
+        low, high = row[f"{key}_ci95"]
+        assert 0.0 <= low <= row[key] <= high <= 1.0
+    assert row["budgets"]["trained"]["r=0.25"]["reduction"] == 0.75 and row["budgets"]["base"]["r=1"]["items"] == 8
+    assert all(isinstance(claim["met"], bool) for claim in row["claims"].values())
+    assert written["summary"]["digits"]["seeds"] == [0]
+    assert (tmp_path / "fidelity.png").stat().st_size > 0
+    assert result.stdout.count("[fidelity +") >= 6 and "trained 2 steps" in result.stdout
