@@ -250,7 +250,9 @@ def evaluate_base_and_trained(settings: Settings, run_dir: Path, env: dict[str, 
     command = [sys.executable, "-m", "learner.evaluate", "--model", str(settings.learner.model_path or
                settings.rollout.model_path), "--label", "base", "--model", str(weights), "--label", "trained",
                "--dataset", str(dataset), "--limit", str(limit), "--out", str(out),
-               "--budgets", "r=1,r=0.5,r=0.25,r=0.125,tau=0.94,tau=0.975"]
+               "--budgets", "r=1,r=0.5,r=0.25,r=0.125,tau=0.94,tau=0.975",
+               # The run's own settings (completion cap, vLLM dtype, scorer), as make base-eval and the fidelity bench use.
+               "--config", str(run_dir / "settings.yaml")]
     console.print(f"evaluating base and trained ({weights.name}) on {limit} items of {dataset}")
     returncode = run_with_progress(command, env, run_dir / "logs" / "eval.log", console)
     if returncode != 0:
