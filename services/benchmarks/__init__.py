@@ -19,7 +19,7 @@ from services.data.loader import load_dataset
 
 # Format name -> what --data points at (shown in help texts and errors).
 FORMATS = {
-    "mme": "the MME release folder (one subfolder per category)",
+    "mme": "the MME release folder (one subfolder per category) or VLMEvalKit's MME.tsv",
     "mmbench": "an MMBench TSV (base64 images)",
     "textvqa": "a TextVQA annotation JSON (TextVQA_0.5.1_val.json, images in train_images/ beside it)",
     "chartqa": "a ChartQA JSON (test_human.json, charts in png/ beside it) or its split folder",
@@ -28,9 +28,9 @@ FORMATS = {
 
 
 def load_benchmark(benchmark_format: str, path: Path, image_dir: Path, circular: bool = False) -> Benchmark:
-    """Read one benchmark; image_dir receives images that must be decoded (MMBench's base64 cells)."""
+    """Read one benchmark; image_dir receives images that must be decoded (the base64 cells of a TSV)."""
     if benchmark_format == "mme":
-        items = load_mme(path)
+        items = load_mme(path, image_dir)
     elif benchmark_format == "mmbench":
         items = load_mmbench(path, image_dir, circular)
     elif benchmark_format == "textvqa":

@@ -12,25 +12,17 @@ TSVs do) is used as it is; otherwise the rotations are generated here. Without i
 
 from __future__ import annotations
 
-import csv
-import sys
 from pathlib import Path
 from string import ascii_uppercase
 
-from services.benchmarks.items import BenchmarkItem, benchmark_item, require_items, write_base64_image
-from services.data.loader import DatasetError
+from services.benchmarks.items import BenchmarkItem, benchmark_item, require_items
+from services.benchmarks.tsv import cell, decode_images, read_rows
 from services.schemas.models import AnswerType, Task
 
 FORMAT = "mmbench"
 ROTATION_STRIDE = 1_000_000  # MMBench numbers the k-th rotated copy of question i as i + k * 1e6
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 REQUIRED_COLUMNS = ("index", "question", "answer", "image", "A", "B")
-_MISSING = ("", "nan", "none")
-
-
-def _cell(row: dict[str, str], column: str) -> str:
-    value = (row.get(column) or "").strip()
-    return "" if value.lower() in _MISSING else value
 
 
 def mmbench_question(question: str, hint: str, options: list[str]) -> str:
@@ -40,24 +32,11 @@ def mmbench_question(question: str, hint: str, options: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _read_rows(tsv: Path) -> list[dict[str, str]]:
-    # Base64 images exceed the csv module's default 128 KiB field limit.
-    csv.field_size_limit(sys.maxsize)
-    with tsv.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            reason = (f"{tsv}: missing column(s) {', '.join(missing)} (an MMBench TSV has "
-                      f"{', '.join(REQUIRED_COLUMNS)}, C, D, hint, category)")
-            raise DatasetError(tsv, [reason])
-        return list(reader)
-
-
 def _options(row: dict[str, str]) -> list[str]:
     """The option texts A, B, ... up to the first empty letter."""
     options = []
     for letter in ascii_uppercase:
-        text = _cell(row, letter)
+        text = cell(row, letter)
         if not text:
             break
         options.append(text)
@@ -70,26 +49,10 @@ def rotate(options: list[str], answer: int, shift: int) -> tuple[list[str], int]
     return [options[(position + shift) % count] for position in range(count)], (answer - shift) % count
 
 
-def _image_paths(rows: list[dict[str, str]], image_dir: Path, errors: list[str], tsv: Path) -> dict[int, Path]:
-    """Every row's image written once under image_dir, by row index; a digit cell borrows that row's image."""
-    by_index = {int(row["index"]): _cell(row, "image") for row in rows if row["index"].strip().isdigit()}
-    paths: dict[int, Path] = {}
-    for index, cell in by_index.items():
-        source = int(cell) if cell.isdigit() and len(cell) < 16 else index
-        if source not in by_index or by_index[source].isdigit():
-            errors.append(f"{tsv}: index {index}: image refers to row {source}, which holds no image")
-            continue
-        try:
-            paths[index] = write_base64_image(by_index[source], image_dir, str(source))
-        except ValueError as error:
-            errors.append(f"{tsv}: index {index}: {error}")
-    return paths
-
-
 def _row_items(row: dict[str, str], image: Path, image_root: Path, generate_rotations: bool) -> list[BenchmarkItem]:
     index = int(row["index"])
     options = _options(row)
-    answer = _cell(row, "answer").upper()
+    answer = cell(row, "answer").upper()
     if len(options) < 2 or answer not in tuple(ascii_uppercase[: len(options)]):
         raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters (a test-split row "
                          "without answers cannot be scored)")
@@ -99,29 +62,26 @@ def _row_items(row: dict[str, str], image: Path, image_root: Path, generate_rota
         rotated, right = rotate(options, ascii_uppercase.index(answer), shift)
         suffix = f"/rot{shift}" if generate_rotations and shift else ""
         task = Task(id=f"{FORMAT}/{index}{suffix}", image=image.relative_to(image_root).as_posix(),
-                    question=mmbench_question(_cell(row, "question"), _cell(row, "hint"), rotated),
+                    question=mmbench_question(cell(row, "question"), cell(row, "hint"), rotated),
                     answer=ascii_uppercase[right], answer_type=AnswerType.CHOICE, choices=rotated)
-        items.append(benchmark_item(task, image, str(index % ROTATION_STRIDE), _cell(row, "category")))
+        items.append(benchmark_item(task, image, str(index % ROTATION_STRIDE), cell(row, "category")))
     return items
 
 
 def load_mmbench(tsv: Path, image_dir: Path, circular: bool = False) -> list[BenchmarkItem]:
     """The questions of an MMBench TSV (images decoded into image_dir/<file stem>/), every rotation when circular."""
-    if not tsv.is_file():
-        raise FileNotFoundError(f"MMBench TSV {tsv} does not exist")
-    rows = _read_rows(tsv)
-    image_dir = image_dir / tsv.stem  # row indices repeat across MMBench files (EN, CN, dev, test)
-    errors: list[str] = [f"{tsv}: row {number}: index {row['index']!r} is not a number"
-                         for number, row in enumerate(rows, start=2) if not row["index"].strip().isdigit()]
-    images = _image_paths(rows, image_dir, errors, tsv)
+    rows = read_rows(tsv, REQUIRED_COLUMNS, "MMBench")
+    errors: list[str] = []
+    # Row indices repeat across MMBench files (EN, CN, dev, test): each file decodes into its own folder.
+    images = decode_images(rows, image_dir / tsv.stem, errors, tsv)
     has_copies = any(index >= ROTATION_STRIDE for index in images)
     items: list[BenchmarkItem] = []
     for row in rows:
-        index = int(row["index"]) if row["index"].strip().isdigit() else -1
+        index = int(row["index"])
         if index not in images or (index >= ROTATION_STRIDE and not circular):
             continue
         try:
-            items.extend(_row_items(row, images[index], image_dir, circular and not has_copies))
+            items.extend(_row_items(row, images[index], image_dir / tsv.stem, circular and not has_copies))
         except ValueError as error:
             errors.append(f"{tsv}: index {index}: {error}")
     return require_items(tsv, items, errors)

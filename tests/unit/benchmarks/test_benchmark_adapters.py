@@ -37,6 +37,17 @@ def test_mme_reads_both_folder_layouts_as_yes_no_pairs(tmp_path: Path) -> None:
     assert [entry.category for entry in items[:3]] == ["artwork", "artwork", "code_reasoning"]
 
 
+def test_mme_tsv_pairs_questions_by_image_path(tmp_path: Path) -> None:
+    items = load_benchmark("mme", MME.parent / "MME.tsv", tmp_path).items
+    assert [entry.item.task.id for entry in items] == ["mme/0", "mme/1", "mme/2", "mme/3"]
+    assert [entry.group for entry in items] == ["existence/existence/000000006040.jpg"] * 2 + [
+        "code_reasoning/code_reasoning/0020.png"] * 2
+    assert [entry.item.task.answer for entry in items] == ["yes", "no", "yes", "no"]
+    # Rows 1 and 3 hold "0" and "2" in their image cell: they share the decoded image of that row.
+    assert items[1].item.image_path == items[0].item.image_path == (tmp_path / "MME" / "0.jpg").resolve()
+    assert items[3].item.image_path.name == "2.png"
+
+
 def test_mme_names_the_bad_line_and_the_missing_image(tmp_path: Path) -> None:
     root = tmp_path / "mme"
     shutil.copytree(MME, root)

@@ -49,6 +49,15 @@ def test_mme_accuracy_plus_and_scores(tmp_path: Path) -> None:
     assert metrics["total_score"] == pytest.approx(375.0)
 
 
+def test_mme_tsv_gives_the_same_metrics_as_the_folder(tmp_path: Path) -> None:
+    items = load_benchmark("mme", FIXTURES / "mme" / "MME.tsv", tmp_path).items
+    completions = {"mme/0": "Yes", "mme/1": "Yes", "mme/2": "yes", "mme/3": "No"}
+    metrics = benchmark_metrics("mme", judged(items, completions))
+    # existence: 1 of 2 right, pair not both right -> 50 + 0; code_reasoning: both right -> 100 + 100.
+    assert (metrics["value"], metrics["accuracy"]) == (0.5, 0.75)
+    assert (metrics["perception_score"], metrics["cognition_score"]) == (50.0, 200.0)
+
+
 def test_mmbench_circular_counts_a_question_only_if_every_rotation_is_right(tmp_path: Path) -> None:
     items = load_benchmark("mmbench", FIXTURES / "mmbench" / "mmbench_dev_en.tsv", tmp_path, circular=True).items
     completions = {}
