@@ -210,15 +210,18 @@ def check_choice(completion: str, reference: str, choices: Sequence[str] | None)
     return CheckResult(False, None)
 
 
-def check_vqa(completion: str, human_answers: Sequence[str] | None) -> CheckResult:
-    """VQA accuracy of the answer span against the human answers (partial credit; correct = full credit)."""
-    if human_answers is None or len(human_answers) < 2:
-        raise InvalidReferenceError("answers", "answer_type 'vqa' needs at least 2 human answers")
+def check_vqa(completion: str, reference: str, human_answers: Sequence[str] | None) -> CheckResult:
+    """VQA accuracy of the answer span against the human answers (partial credit; correct = full credit);
+    without human answers, against the reference alone (credit 0 or 1)."""
+    humans = list(human_answers) if human_answers else [reference]
+    if not any(normalize_vqa_answer(answer) for answer in humans):
+        field = "answers" if human_answers else "answer"
+        raise InvalidReferenceError(field, f"every {field} entry is empty once normalized")
     span = extract_answer_span(completion).text
     given = normalize_vqa_answer(span)
     if not given:
         return CheckResult(False, None, 0.0)
-    score = vqa_accuracy(span, human_answers)
+    score = vqa_accuracy(span, humans)
     return CheckResult(score >= 1.0, given, score)
 
 
@@ -251,7 +254,7 @@ def check_answer(
     if answer_type is AnswerType.YES_NO:
         return check_yes_no(completion, reference)
     if answer_type is AnswerType.VQA:
-        return check_vqa(completion, answers)
+        return check_vqa(completion, reference, answers)
     if answer_type is AnswerType.RELAXED:
         return check_relaxed(completion, reference)
     raise InvalidReferenceError("answer_type", f"unknown answer_type {answer_type!r}")

@@ -82,13 +82,16 @@ def normalize_vqa_answer(text: str) -> str:
 def vqa_accuracy(given: str, human_answers: Sequence[str]) -> float:
     """Official VQA accuracy of one answer: mean over leave-one-out subsets of min(matches / 3, 1).
 
-    Both the answer and the human answers are normalised first (normalize_vqa_answer).
+    Both the answer and the human answers are normalised first (normalize_vqa_answer). With a single human
+    answer no leave-one-out subset is left: the credit is 1 when it matches, else 0.
     """
-    if len(human_answers) < 2:
-        raise ValueError(f"VQA accuracy needs at least 2 human answers (VQA and TextVQA have 10), got {len(human_answers)}")
+    if not human_answers:
+        raise ValueError("VQA accuracy needs at least one human answer")
     prediction = normalize_vqa_answer(given)
     matches = sum(normalize_vqa_answer(answer) == prediction for answer in human_answers)
     total = len(human_answers)
+    if total == 1:
+        return float(matches)
     # Leaving out a matching answer leaves matches-1 matches; leaving out another one leaves all of them.
     left_out_match = matches * min((matches - 1) / FULL_CREDIT_MATCHES, 1.0)
     left_out_other = (total - matches) * min(matches / FULL_CREDIT_MATCHES, 1.0)

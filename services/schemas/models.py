@@ -57,14 +57,7 @@ class Task(BaseModel):
     def _choices_match_type(self) -> Task:
         if self.answer_type is AnswerType.CHOICE and not self.choices:
             raise ValueError("answer_type 'choice' needs a non-empty 'choices' list")
-        _check_human_answers(self.answer_type, self.answers)
         return self
-
-
-def _check_human_answers(answer_type: AnswerType, answers: list[str] | None) -> None:
-    """answer_type 'vqa' is scored against its human answers: at least two (leave-one-out needs them)."""
-    if answer_type is AnswerType.VQA and (answers is None or len(answers) < 2):
-        raise ValueError("answer_type 'vqa' needs an 'answers' list of at least 2 human answers")
 
 
 class Budget(BaseModel):
@@ -182,7 +175,6 @@ class ScoreItem(BaseModel):
 
     @model_validator(mode="after")
     def _kept_within_total(self) -> ScoreItem:
-        _check_human_answers(self.answer_type, self.answers)
         if self.visual_tokens_kept > self.visual_tokens_total:
             raise ValueError(
                 f"visual_tokens_kept={self.visual_tokens_kept} exceeds visual_tokens_total="

@@ -32,8 +32,10 @@ def test_relaxed_numbers_within_five_percent(reward_server) -> None:
     assert [result["correct"] for result in response.json()["results"]] == [True, False]
 
 
-def test_vqa_item_without_human_answers_is_a_422_naming_the_field(reward_server) -> None:
-    response = score(reward_server, [{"completion_text": "coke", "answer": "coke", "answer_type": "vqa",
-                                      "visual_tokens_kept": 1, "visual_tokens_total": 2}])
-    assert response.status_code == 422
-    assert "answers" in response.text
+def test_vqa_without_answers_scores_the_reference_and_empty_answers_are_a_422(reward_server) -> None:
+    base = {"completion_text": "Coke", "answer": "coke", "answer_type": "vqa", "visual_tokens_kept": 1,
+            "visual_tokens_total": 2}
+    response = score(reward_server, [base])
+    assert response.status_code == 200 and response.json()["results"][0]["accuracy"] == 1.0
+    response = score(reward_server, [{**base, "answers": ["the", "a"]}])  # nothing left once normalised
+    assert response.status_code == 422 and "items.0.answers" in response.text

@@ -66,14 +66,17 @@ def test_vqa_normalisation(raw: str, normalized: str) -> None:
     assert normalize_vqa_answer(raw) == normalized
 
 
-def test_vqa_needs_human_answers() -> None:
+def test_vqa_without_human_answers_scores_the_reference_alone() -> None:
+    one = check_answer("Two.", "2", AnswerType.VQA, answers=["2"])
+    assert (one.correct, one.score) == (True, 1.0)
+    assert check_answer("3", "2", AnswerType.VQA, answers=["2"]).score == 0.0
+    assert check_answer("the Coke", "coke", AnswerType.VQA).score == 1.0  # no answers: the reference
+    Task(id="t", image="a.png", question="q?", answer="cat", answer_type="vqa")  # valid without answers
     with pytest.raises(InvalidReferenceError) as raised:
-        check_answer("cat", "cat", AnswerType.VQA, answers=["cat"])
-    assert raised.value.field == "answers"
-    with pytest.raises(ValidationError, match="at least 2 human answers"):
-        Task(id="t", image="a.png", question="q?", answer="cat", answer_type="vqa")
-    with pytest.raises(ValidationError, match="at least 2 human answers"):
-        ScoreItem(completion_text="cat", answer="cat", answer_type="vqa", answers=["cat"],
+        check_answer("cat", "the", AnswerType.VQA)
+    assert raised.value.field == "answer"
+    with pytest.raises(ValidationError):
+        ScoreItem(completion_text="cat", answer="cat", answer_type="vqa", answers=[""],
                   visual_tokens_kept=1, visual_tokens_total=2)
 
 
