@@ -71,9 +71,20 @@ def _strip_punctuation(text: str) -> str:
     return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
 
 
-@lru_cache(maxsize=16_384)
+_CACHED_MAX_CHARS = 256  # human answers repeat across a GRPO group and an eval; long completions don't
+
+
 def normalize_vqa_answer(text: str) -> str:
     """The VQA evaluation's answer normalisation: case, punctuation, number words, articles, contractions."""
+    return _normalize_cached(text) if len(text) <= _CACHED_MAX_CHARS else _normalize(text)
+
+
+@lru_cache(maxsize=16_384)
+def _normalize_cached(text: str) -> str:
+    return _normalize(text)
+
+
+def _normalize(text: str) -> str:
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
     words = [_NUMBER_WORDS.get(word, word) for word in _strip_punctuation(text).split()]
     return " ".join(_RESTORE_APOSTROPHES.get(word, word) for word in words if word not in _ARTICLES)
