@@ -10,7 +10,9 @@ evaluated once per family (it does not depend on the seed).
 
 Writes bench/results/fidelity.json (one row per (family, seed) with 95% CIs, issue 20's three claims as
 booleans with margins, the mean and spread over seeds) and bench/results/fidelity.png (accuracy against
-reduction of every run). Prints one line per phase.
+reduction of every run), rewritten after every run (seeds outer, families inner), so an interrupted bench keeps
+what it measured; a run that fails is listed under "failed" and the bench goes on (exit 1). Prints one line per
+phase.
 
 Run: `.venv/bin/python bench/fidelity.py` (2 families x 3 seeds x 40 steps; about 75 min on a quiet 2-core
 machine), `--families scenes --seeds 0`, or `--quick` (one family, one seed, 2 steps, 8 items: the smoke test).
@@ -172,41 +174,69 @@ def plot(rows: list[dict[str, Any]], path: Path, eval_seed: int) -> None:
     plt.close(figure)
 
 
+def train_and_evaluate(family: str, seed: int, dataset: Path, test: Path, base_rows: list[dict[str, Any]],
+                       args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
+    """One training run and the trained model's evaluation: its row."""
+    phases.line(f"{family} seed {seed}: training the demo configuration")
+    trained = train(family, seed, dataset, args, work)
+    phases.line(f"{family} seed {seed}: trained {trained['steps']} steps in {trained['train_minutes']:.1f} min "
+                f"(last step's rollout reduction {trained['final_train_reduction']})")
+    trained_rows = sf_eval(trained["weights"], "trained", test, work / "eval" / f"{family}-seed{seed}", work / "logs")
+    row = fidelity_row(family, seed, base_rows, trained_rows)
+    row |= {key: (str(value) if isinstance(value, Path) else value) for key, value in trained.items()}
+    met = ", ".join(f"{name.split('_')[0]} {'met' if claim['met'] else 'MISSED'}"
+                    for name, claim in row["claims"].items() if claim["applies"])
+    phases.line(f"{family} seed {seed}: trained dense {row['trained_dense']:.3f}, r=0.25 {row['trained_r025']:.3f}, "
+                f"tau=0.975 {row['trained_tau0975_accuracy']:.3f} at reduction {row['trained_tau0975_reduction']:.3f}; "
+                f"{met}")
+    return row
+
+
+def write(payload: dict[str, Any], args: argparse.Namespace) -> Path:
+    """fidelity.json and, once a run is done, fidelity.png; rewritten after every run, so an interrupted bench
+    keeps what it measured."""
+    path = save_results("fidelity", payload, args.results_dir)
+    if payload["rows"]:
+        plot(payload["rows"], args.results_dir / "fidelity.png", args.eval_seed)
+    return path
+
+
 def run(args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
-    """Every phase; returns the JSON payload."""
+    """Every phase: fresh splits and base evaluations, then per seed each family's run; returns the payload."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    rows, base_rows = [], {}
+    tests, datasets, base_rows = {}, {}, {}
     for family in args.families:
-        test = fresh_split(ROOT / "assets" / "tasks" / family / "test.jsonl", work / "fresh", args.eval_seed,
-                           args.eval_items)
-        dataset = prepare_rl_split(ROOT / "assets" / "tasks" / family / f"{RL_SPLIT}.jsonl", args.rl_items,
-                                   say=phases.line)
-        phases.line(f"{family}: fresh test split {test} ({args.eval_items} items, seed {args.eval_seed}); "
-                    f"RL split {dataset}")
-        base_model = ROOT / "assets" / "tiny-qwen25vl"
-        base_rows[family] = sf_eval(base_model, "base", test, work / "eval" / f"{family}-base", work / "logs")
+        tests[family] = fresh_split(ROOT / "assets" / "tasks" / family / "test.jsonl", work / "fresh",
+                                    args.eval_seed, args.eval_items)
+        datasets[family] = prepare_rl_split(ROOT / "assets" / "tasks" / family / f"{RL_SPLIT}.jsonl",
+                                            args.rl_items, say=phases.line)
+        phases.line(f"{family}: fresh test split {tests[family]} ({args.eval_items} items, seed {args.eval_seed}); "
+                    f"RL split {datasets[family]}")
+        base_rows[family] = sf_eval(ROOT / "assets" / "tiny-qwen25vl", "base", tests[family],
+                                    work / "eval" / f"{family}-base", work / "logs")
         base = {row["budget"]: row for row in base_rows[family]}
         phases.line(f"{family}: base evaluated: dense {base['r=1']['accuracy']:.3f}, r=0.25 "
                     f"{base['r=0.25']['accuracy']:.3f}, tau=0.975 reduction {base['tau=0.975']['reduction_mean']:.3f}")
-        for seed in args.seeds:
-            phases.line(f"{family} seed {seed}: training the demo configuration")
-            trained = train(family, seed, dataset, args, work)
-            phases.line(f"{family} seed {seed}: trained {trained['steps']} steps in {trained['train_minutes']:.1f} min "
-                        f"(last step's rollout reduction {trained['final_train_reduction']})")
-            trained_rows = sf_eval(trained["weights"], "trained", test,
-                                   work / "eval" / f"{family}-seed{seed}", work / "logs")
-            row = fidelity_row(family, seed, base_rows[family], trained_rows)
-            row |= {key: (str(value) if isinstance(value, Path) else value) for key, value in trained.items()}
-            rows.append(row)
-            met = ", ".join(f"{name.split('_')[0]} {'met' if claim['met'] else 'MISSED'}"
-                            for name, claim in row["claims"].items() if claim["applies"])
-            phases.line(f"{family} seed {seed}: trained dense {row['trained_dense']:.3f}, r=0.25 "
-                        f"{row['trained_r025']:.3f}, tau=0.975 {row['trained_tau0975_accuracy']:.3f} at reduction "
-                        f"{row['trained_tau0975_reduction']:.3f}; {met}")
-    return {"config": {"families": args.families, "seeds": args.seeds, "eval_seed": args.eval_seed,
-                       "eval_items": args.eval_items, "steps": args.steps or "the demo's (learner.max_steps)",
-                       "overrides": args.overrides, "budgets": BUDGETS.split(","), "quick": args.quick},
-            "rows": rows, "summary": summarize(rows)}
+    payload: dict[str, Any] = {
+        "config": {"families": args.families, "seeds": args.seeds, "eval_seed": args.eval_seed,
+                   "eval_items": args.eval_items, "steps": args.steps or "the demo's (learner.max_steps)",
+                   "overrides": args.overrides, "budgets": BUDGETS.split(","), "quick": args.quick,
+                   "work_dir": str(work)},
+        "rows": [], "failed": [], "summary": {}, "plot": "fidelity.png"}
+    # Seeds outer, families inner: an interrupted bench still has both families.
+    for seed in args.seeds:
+        for family in args.families:
+            try:
+                row = train_and_evaluate(family, seed, datasets[family], tests[family], base_rows[family], args,
+                                         work, phases)
+            except RuntimeError as error:
+                phases.line(f"{family} seed {seed}: FAILED: {error}")
+                payload["failed"].append({"family": family, "seed": seed, "error": str(error)})
+            else:
+                payload["rows"].append(row)
+                payload["summary"] = summarize(payload["rows"])
+            write(payload, args)
+    return payload
 
 
 SHORT_NAMES = {"base_dense": "base dense", "base_r025": "base r=.25", "trained_dense": "trained dense",
@@ -239,12 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or ROOT / "runs" / time.strftime("fidelity-%Y%m%d-%H%M%S")
         phases.line(f"work folder {work}")
         payload = run(args, work, phases)
-    payload["plot"] = "fidelity.png"
-    path = save_results("fidelity", payload, args.results_dir)
-    plot(payload["rows"], args.results_dir / "fidelity.png", args.eval_seed)
-    print_rows(payload)
-    phases.line(f"wrote {path} and {args.results_dir / 'fidelity.png'}")
-    return 0
+    path = write(payload, args)
+    if payload["rows"]:
+        print_rows(payload)
+    phases.line(f"wrote {path} and {args.results_dir / 'fidelity.png'}; {len(payload['failed'])} run(s) failed")
+    return 1 if payload["failed"] else 0
 
 
 if __name__ == "__main__":

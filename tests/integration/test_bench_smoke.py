@@ -79,6 +79,7 @@ def test_fidelity_bench_quick_mode_trains_evaluates_and_judges_the_claims(tmp_pa
     result = run_quick_bench("bench/fidelity.py", tmp_path, timeout=900)
     written = json.loads((tmp_path / "fidelity.json").read_text())
     (row,) = written["rows"]
+    assert written["failed"] == []
     assert (row["family"], row["seed"], row["steps"]) == ("digits", 0, 2)
     assert written["config"]["eval_seed"] == 2026 and written["config"]["eval_items"] == 8
     for key in ("base_dense", "base_r025", "trained_dense", "trained_r025", "trained_tau0975_accuracy",
