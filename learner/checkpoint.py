@@ -1,10 +1,14 @@
 """Atomic checkpoints: an HF folder (save_pretrained) plus everything needed to resume bit-identically.
 
 Layout of `<run_dir>/checkpoints/step-00000010/`:
-  config.json, model.safetensors, processor/tokenizer files  (transformers and vLLM load the folder)
+  config.json, model.safetensors, processor/tokenizer files  (transformers and vLLM load the folder; a sharded
+                       run writes them in its last checkpoint only)
+  distributed/         a sharded run's model and optimizer tensors (torch distributed checkpoint, one file per
+                       rank; loads on any number of ranks, `learner.sharding`); its one pickle, .metadata, is
+                       read by an unpickler that refuses every global but DCP's own dataclasses and torch types
   trainer_state.json   step, policy version, dataset position, trained group ids (TrainingState)
-  optimizer.pt         optimizer + LR scheduler state_dicts and the torch RNG states: tensors and plain
-                       containers only, read back with torch.load(weights_only=True)
+  optimizer.pt         optimizer (sharded: its param_groups only) + LR scheduler state_dicts and the torch RNG
+                       states: tensors and plain containers only, read back with torch.load(weights_only=True)
   rng_state.json       the python and numpy RNG states
 
 Nothing here is unpickled: /runs is shared with other containers, and a planted pickle would run in the
@@ -166,21 +170,43 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 def save_checkpoint(
     run_dir: Path, model: torch.nn.Module, processor: Any, optimizer: torch.optim.Optimizer,
-    scheduler: Any, state: TrainingState, keep: int = 2,
+    scheduler: Any, state: TrainingState, keep: int = 2, *, rank: int = 0, world_size: int = 1,
+    hf_weights: bool = True,
 ) -> Path:
-    """Write the checkpoint of `state.step` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write the checkpoint of `state.step` atomically, point `latest` at it, keep the newest `keep`.
+
+    world_size > 1 (a sharded policy): every rank calls this; the model and optimizer go to a DCP folder
+    (`distributed/`, each rank its shards) and rank 0 writes the rest. hf_weights: also gather the full weights
+    into the folder's save_pretrained files (always with one rank; sharded, the run's last checkpoint).
+    """
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _tidy_after_crash(root)
     target = root / f"step-{state.step:08d}"
     staging = root / f"{STAGING_PREFIX}{target.name}"
-    staging.mkdir()
-    model.save_pretrained(staging)
+    optimizer_state: dict[str, Any]
+    full_weights = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        from learner.sharding import SHARDED_DIR, full_state_dict, save_sharded
+
+        if rank == 0:
+            _start_staging(root, staging)
+        dist.barrier()  # the staging folder exists before any rank writes into it
+        optimizer_state = {"param_groups": save_sharded(staging / SHARDED_DIR, model, optimizer)}
+        full_weights = full_state_dict(model) if hf_weights else None
+        if rank != 0:
+            dist.barrier()  # returns once rank 0 has put the checkpoint in place
+            return target
+    else:
+        _start_staging(root, staging)
+        optimizer_state = optimizer.state_dict()
+    if hf_weights:
+        model.save_pretrained(staging, state_dict=full_weights)
     if processor is not None:
         processor.save_pretrained(staging)
     rng = rng_states()
     torch_rng = {key: rng[key] for key in ("torch", "cuda") if key in rng}
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng},
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch_rng},
                staging / TORCH_STATE_FILE)
     (staging / RNG_FILE).write_text(_host_rng_json(rng), encoding="utf-8")
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=1) + "\n", encoding="utf-8")
@@ -191,7 +217,18 @@ def save_checkpoint(
     others = [folder for folder in sorted(root.glob("step-*")) if folder != target]
     for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     return target
+
+
+def _start_staging(root: Path, staging: Path) -> None:
+    """Tidy what a crashed save left and create the (empty) staging folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    _tidy_after_crash(root)
+    staging.mkdir()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

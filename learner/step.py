@@ -20,9 +20,10 @@ Every row's loss weight comes from the whole step (`row_token_weights`), so micr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, row_token_weights
 from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
+from learner.sharding import grad_norm_value, sum_gradients
 from services.modeling.batched_forward import (
     RowSpec,
     batched_completion_logprobs,
@@ -249,41 +251,37 @@ def _micro_batch_logprobs(
     return logprobs, plan.completion_mask, ref
 
 
+def _scorer_inputs(policy: torch.nn.Module, prompt_token_ids: Sequence[int], chunk: _Chunk, image: int) -> ScorerInputs:
+    """The scorer's inputs for one image of the chunk: the unpruned prompt and the image's detached features."""
+    start, end = chunk.offsets[image], chunk.offsets[image + 1]
+    # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones the
+    # policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
+    features = chunk.policy_leaf[start:end].detach()
+    prompt = expand_placeholders(torch.tensor([list(prompt_token_ids)]), image_token_id(policy), end - start)
+    patch_count = int(chunk.grids_cpu[image].prod())
+    first_patch = int(chunk.grids_cpu[:image].prod(-1).sum())
+    return ScorerInputs(prompt.to(features.device), chunk.pixel_values[first_patch:first_patch + patch_count],
+                        chunk.image_grid_thw[image:image + 1], image_embeds=features)
+
+
 def group_kept_mass_loss(
     policy: torch.nn.Module, scorer: VisualTokenScorer, group: TrajectoryGroup, chunk: _Chunk, image: int,
     advantages: Tensor, keep: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """kept_mass_loss of one group's admitted rollouts, scored on the unpruned prompt by the current policy."""
     rollouts = [rollout for rollout, admitted in zip(group.rollouts, keep.tolist(), strict=True) if admitted]
-    start, end = chunk.offsets[image], chunk.offsets[image + 1]
-    # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones the
-    # policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
-    features = chunk.policy_leaf[start:end].detach()
-    total = end - start
-    prompt = expand_placeholders(torch.tensor([rollouts[0].prompt_token_ids]), image_token_id(policy), total)
-    device = features.device
-    patch_count = int(chunk.grids_cpu[image].prod())
-    first_patch = int(chunk.grids_cpu[:image].prod(-1).sum())
-    inputs = ScorerInputs(prompt.to(device), chunk.pixel_values[first_patch:first_patch + patch_count],
-                          chunk.image_grid_thw[image:image + 1], image_embeds=features)
+    inputs = _scorer_inputs(policy, rollouts[0].prompt_token_ids, chunk, image)
     scores = scorer.differentiable_score(policy, inputs)
-    masks = torch.stack([keep_mask(rollout.kept_indices, total) for rollout in rollouts]).to(device)
-    return kept_mass_loss(scores, masks, advantages[keep].to(device))
+    total = chunk.offsets[image + 1] - chunk.offsets[image]
+    masks = torch.stack([keep_mask(rollout.kept_indices, total) for rollout in rollouts]).to(scores.device)
+    return kept_mass_loss(scores, masks, advantages[keep].to(scores.device))
 
 
-def all_reduce_step(params: Sequence[torch.nn.Parameter], sums: dict[str, float], maxima: dict[str, float]) -> None:
-    """Sum gradients and metric parts over the process group (in place); maxima take the max."""
+def all_reduce_metrics(sums: dict[str, float], maxima: dict[str, float]) -> None:
+    """Sum the step's metric parts over the process group (in place); maxima take the max. Gradients are not
+    here: the sharded policy's units reduce-scatter them in their backward (learner.sharding)."""
     import torch.distributed as dist
 
-    # A parameter no rank touched keeps grad None, as in one process (AdamW then skips it, weight decay too).
-    touched = torch.tensor([param.grad is not None for param in params], dtype=torch.uint8)
-    dist.all_reduce(touched, op=dist.ReduceOp.MAX)
-    for param, any_rank in zip(params, touched.tolist(), strict=True):
-        if not any_rank:
-            continue
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad)
     names = sorted(sums)
     packed = torch.tensor([sums[name] for name in names], dtype=torch.float64)
     dist.all_reduce(packed)
@@ -305,15 +303,64 @@ def _step_rows(groups: Sequence[TrajectoryGroup], keep: Tensor, pixels: PixelCac
     return rows
 
 
-def _vision_chunks(rows: Sequence[_Row], config: StepConfig, rank: int, world_size: int) -> Iterator[list[_Row]]:
-    """This rank's chunks of micro_batch_groups groups each, every row tagged with its image in the chunk."""
+@dataclass
+class _ChunkPlan:
+    """One vision chunk's work, planned on the CPU before any pass runs."""
+
+    rows: list[_Row]
+    groups: list[int]  # the chunk's group ids, in image order
+    micro_batches: list[list[int]]  # indices into rows, each batch with completion tokens
+    mass_images: list[int] = field(default_factory=list)  # images whose kept-set term needs a scorer pass
+    full_keep_images: list[int] = field(default_factory=list)  # kept-set term exactly 0: whole image kept
+    filler: bool = False  # run only to keep a sharded step's collectives in lockstep: zero weight, no metrics
+
+
+def _plan_chunks(
+    rows: Sequence[_Row], groups: Sequence[TrajectoryGroup], advantages: Tensor, keep: Tensor, config: StepConfig,
+    placeholder: int,
+) -> list[_ChunkPlan]:
+    """Every vision chunk of the step (micro_batch_groups groups each), every row tagged with its image."""
     group_ids = sorted({row.group for row in rows})
-    for chunk in micro_batches(len(group_ids), config.micro_batch_groups)[rank::world_size]:
+    offsets = [0, *itertools.accumulate(len(group.rollouts) for group in groups)]
+    plans = []
+    for chunk in micro_batches(len(group_ids), config.micro_batch_groups):
         image_of = {group_ids[i]: image for image, i in enumerate(chunk)}
         chunk_rows = [row for row in rows if row.group in image_of]
         for row in chunk_rows:
             row.image = image_of[row.group]
-        yield chunk_rows
+        lengths = [pruned_length(row.rollout, placeholder) for row in chunk_rows]
+        batches = [indices for indices in token_micro_batches(lengths, config.micro_batch_tokens)
+                   if sum(len(chunk_rows[i].rollout.completion_token_ids) for i in indices) > 0]
+        plan = _ChunkPlan(chunk_rows, [group_ids[i] for i in chunk], batches)
+        if config.kept_mass_weight > 0 and config.scorer is not None:
+            for image, g in enumerate(plan.groups):
+                span = slice(offsets[g], offsets[g + 1])
+                if not bool((advantages[span][keep[span]] > 0).any()):
+                    continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
+                admitted = [r for r, kept in zip(groups[g].rollouts, keep[span].tolist(), strict=True) if kept]
+                # Every keep set the whole image: each share is exactly 1, so the loss and its gradient are 0.
+                full = all(len(r.kept_indices) == r.visual_tokens_total for r in admitted)
+                (plan.full_keep_images if full else plan.mass_images).append(image)
+        plans.append(plan)
+    return plans
+
+
+def _rank_slots(plans: list[_ChunkPlan], rank: int, world_size: int) -> list[tuple[_ChunkPlan, int, int]]:
+    """This rank's chunks r, r+W, ... as (plan, micro-batches, scorer passes) to run.
+
+    With W > 1 every rank runs as many chunks, and in each as many micro-batches and scorer passes, as the rank
+    with the most (``lockstep_counts``): a sharded unit's forward and backward are collectives. A rank short of a
+    chunk runs rank 0's chunk of that slot as a filler.
+    """
+    if world_size == 1:
+        return [(plan, len(plan.micro_batches), len(plan.mass_images)) for plan in plans]
+    from learner.sharding import lockstep_counts
+
+    slots = -(-len(plans) // world_size)
+    mine = [plans[i] if i < len(plans) else None for i in range(rank, slots * world_size, world_size)]
+    counts = lockstep_counts([[len(p.micro_batches), len(p.mass_images)] if p else [0, 0] for p in mine])
+    return [(plan or dataclasses.replace(plans[slot * world_size], filler=True), micro, mass)
+            for slot, (plan, (micro, mass)) in enumerate(zip(mine, counts, strict=True))]
 
 
 def grpo_step(
@@ -322,10 +369,17 @@ def grpo_step(
 ) -> dict[str, float]:
     """Advantages -> per-micro-batch loss and backward -> clip -> optimizer and scheduler step; returns metrics.
 
-    With world_size > 1 (torch.distributed initialized), rank r takes vision chunks r, r+W, ...; every row's
-    loss weight comes from the whole step, so summing gradients over ranks gives the single-process gradient,
-    and every rank then takes the same optimizer step.
+    With world_size > 1 (torch.distributed initialized, the policy sharded by ``learner.sharding.shard_policy``),
+    rank r takes vision chunks r, r+W, ...; every row's loss weight comes from the whole step, so the gradients
+    the units reduce-scatter (summed over ranks) are the single-process gradient, and each rank steps its shards.
     """
+    if world_size > 1:
+        from learner.sharding import is_sharded
+
+        if not is_sharded(policy):
+            raise ValueError(f"world_size={world_size} needs a policy sharded by learner.sharding.shard_policy")
+        if config.forward != "batched":
+            raise ValueError(f"a sharded step runs forward='batched' only, got {config.forward!r}")
     advantages, keep, zero_variance = step_advantages(
         groups, std=config.adv_std, eps=config.adv_eps, drop_zero_variance=config.drop_zero_variance
     )
@@ -336,25 +390,20 @@ def grpo_step(
     weight_of = {row.index: float(weight) for row, weight in zip(rows, weights.tolist(), strict=True)}
     total_tokens = float(lengths.sum())
     kept_groups = len({row.group for row in rows})
-    param = next(policy.parameters())
-    device = param.device
-    autocast = _autocast(device, config.compute_dtype, param.dtype)
+    device = next(policy.parameters()).device
+    autocast = _autocast(device, config.compute_dtype, next(policy.parameters()).dtype)
     use_mass = config.kept_mass_weight > 0 and config.scorer is not None
     totals = _Totals.zeros(device, ("kept_mass_loss", "kept_share") if config.kept_mass_weight > 0 else ())
-    placeholder = image_token_id(policy)
+    plans = _plan_chunks(rows, groups, advantages, keep, config, image_token_id(policy))
     optimizer.zero_grad(set_to_none=True)
-    for chunk_rows in _vision_chunks(rows, config, rank, world_size):
-        chunk_groups = sorted({row.group for row in chunk_rows})
-        chunk = _chunk_inputs(policy, chunk_rows, chunk_groups, device)
+    for plan, micro_count, mass_count in _rank_slots(plans, rank, world_size):
+        chunk = _chunk_inputs(policy, plan.rows, plan.groups, device)
         with autocast:
             if config.forward == "batched" or use_mass:
                 _chunk_features(policy, reference, chunk, config)
-            lengths_of = [pruned_length(row.rollout, placeholder) for row in chunk_rows]
-            for batch_indices in token_micro_batches(lengths_of, config.micro_batch_tokens):
-                batch = [chunk_rows[i] for i in batch_indices]
+            for indices in [] if plan.filler else plan.micro_batches:
+                batch = [plan.rows[i] for i in indices]
                 tokens = sum(len(row.rollout.completion_token_ids) for row in batch)
-                if tokens == 0:
-                    continue
                 logprobs, mask, ref_lp = _micro_batch_logprobs(policy, reference, batch, chunk, config)
                 width = logprobs.shape[1]
                 recorded, _ = pad_rows([torch.tensor(row.rollout.completion_logprobs, dtype=torch.float32)
@@ -371,59 +420,74 @@ def grpo_step(
                 )
                 result.loss.backward()
                 totals.add(result, tokens / max(total_tokens, 1.0))
+            for _ in range(micro_count - (0 if plan.filler else len(plan.micro_batches))):
+                _filler_micro_batch(policy, plan, chunk)
             if use_mass:
-                _kept_mass_terms(policy, groups, chunk_groups, chunk, advantages, keep, config, kept_groups, totals)
-        if chunk.policy_features is not None and chunk.policy_leaf.grad is not None:
-            chunk.policy_features.backward(chunk.policy_leaf.grad)  # the vision tower's one backward
+                _kept_mass_terms(policy, groups, plan, chunk, advantages, keep, config, kept_groups, totals, mass_count)
+        if chunk.policy_features is not None and (world_size > 1 or chunk.policy_leaf.grad is not None):
+            leaf_grad = chunk.policy_leaf.grad  # sharded: every rank runs this backward (a collective), zeros or not
+            chunk.policy_features.backward(leaf_grad if leaf_grad is not None else torch.zeros_like(chunk.policy_leaf))
     return _finish_step(policy, optimizer, scheduler, config, totals, world_size, advantages, {
         "zero_variance_groups": float(zero_variance), "rows": float(len(rows)), "tokens": total_tokens,
         "groups": float(len(groups)),
     })
 
 
+def _filler_micro_batch(policy: torch.nn.Module, plan: _ChunkPlan, chunk: _Chunk) -> None:
+    """A zero-weight policy pass over one row of the chunk: the gathers and reduce-scatters of a real micro-batch,
+    adding exactly zero to every gradient."""
+    row = next((row for row in plan.rows if row.rollout.completion_token_ids), plan.rows[0])
+    spec = RowSpec(row.rollout.prompt_token_ids, row.rollout.completion_token_ids, row.rollout.kept_indices, row.image)
+    batch_plan = plan_batch(policy, [spec], chunk.grids_cpu).to(chunk.pixel_values.device)
+    (batched_completion_logprobs(policy, batch_plan, chunk.policy_leaf).sum() * 0.0).backward()
+
+
 def _kept_mass_terms(
-    policy: torch.nn.Module, groups: Sequence[TrajectoryGroup], chunk_groups: Sequence[int], chunk: _Chunk,
-    advantages: Tensor, keep: Tensor, config: StepConfig, kept_groups: int, totals: _Totals,
+    policy: torch.nn.Module, groups: Sequence[TrajectoryGroup], plan: _ChunkPlan, chunk: _Chunk,
+    advantages: Tensor, keep: Tensor, config: StepConfig, kept_groups: int, totals: _Totals, passes: int,
 ) -> None:
-    """Backward the kept-set term of each of the chunk's groups that has an above-average rollout."""
-    offsets = [0]
-    for group in groups:
-        offsets.append(offsets[-1] + len(group.rollouts))
-    for image, g in enumerate(chunk_groups):
+    """Backward the kept-set term of each of the chunk's groups that has an above-average rollout, then zero-weight
+    scorer passes up to `passes` (a sharded step's lockstep count)."""
+    offsets = [0, *itertools.accumulate(len(group.rollouts) for group in groups)]
+    real = [] if plan.filler else plan.mass_images
+    if not plan.filler:
+        totals.sums["kept_share"] += len(plan.full_keep_images) / kept_groups
+    for image in real:
+        g = plan.groups[image]
         span = slice(offsets[g], offsets[g + 1])
-        if not bool((advantages[span][keep[span]] > 0).any()):
-            continue  # no above-average rollout: the term is exactly zero, skip the scorer pass
-        admitted = [r for r, kept in zip(groups[g].rollouts, keep[span].tolist(), strict=True) if kept]
-        if all(len(r.kept_indices) == r.visual_tokens_total for r in admitted):
-            # Every keep set is the whole image: each share is exactly 1, so the loss and its gradient are 0.
-            totals.sums["kept_share"] += 1.0 / kept_groups
-            continue
         mass_loss, kept_share = group_kept_mass_loss(
             policy, config.scorer, groups[g], chunk, image, advantages[span], keep[span]
         )
         (config.kept_mass_weight * mass_loss / kept_groups).backward()
         totals.sums["kept_mass_loss"] += mass_loss.detach().double() / kept_groups
         totals.sums["kept_share"] += kept_share.double() / kept_groups
+    for _ in range(passes - len(real)):
+        rollout = plan.rows[0].rollout
+        inputs = _scorer_inputs(policy, rollout.prompt_token_ids, chunk, plan.rows[0].image)
+        (config.scorer.differentiable_score(policy, inputs).sum() * 0.0).backward()
 
 
 def _finish_step(
     policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: StepConfig, totals: _Totals,
     world_size: int, advantages: Tensor, counts: dict[str, float],
 ) -> dict[str, float]:
-    """All-reduce (data parallel), clip, step unless non-finite, and assemble the step's metrics."""
+    """Sum the metrics over ranks (sharded), clip, step unless non-finite, and assemble the step's metrics."""
     sums, means, maxima = totals.to_floats()
     present = {name: float(name in totals.present) for name in _TOKEN_MEANS}
     params = [p for p in policy.parameters() if p.requires_grad]
     if world_size > 1:
         flags = {f"present:{name}": value for name, value in present.items()}
         merged = {**sums, **means, **flags}
-        all_reduce_step(params, merged, maxima)
+        all_reduce_metrics(merged, maxima)
         sums = {name: merged[name] for name in sums}
         present = {name: merged[f"present:{name}"] for name in present}
         means = {name: value for name, value in merged.items() if name in means}
     means = {name: value for name, value in means.items() if present[name] > 0}
     maxima = {name: value for name, value in maxima.items() if value > float("-inf")}
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    if world_size > 1:
+        sum_gradients(params, world_size)
+    # Over sharded gradients (DTensors) the norm is reduced over ranks: every rank clips by the same factor.
+    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
     finite = torch.isfinite(torch.tensor(grad_norm)) and all(torch.isfinite(torch.tensor(v)) for v in sums.values())
     if finite:
         optimizer.step()

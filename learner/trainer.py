@@ -39,12 +39,19 @@ from learner.checkpoint import (
 from learner.feeder import BadLine, TaskFeeder, fill_target, load_tasks, run_ahead_limit
 from learner.progress import format_step
 from learner.publishing import BackgroundPublisher, publish_policy, weights_snapshot
+from learner.sharding import (
+    SHARDED_DIR,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_sharded,
+    shard_policy,
+)
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
 from services.modeling import load_model_and_processor
 from services.modeling.loading import checkpoint_dtype
 from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
-from services.queues import Entry, StreamQueue, connect_redis
+from services.queues import Entry, Rejection, StreamQueue, connect_redis
 from services.schemas import DecodeError, TaskMessage, TrajectoryGroup, WeightVersion, decode, encode
 from services.settings.models import Settings
 from services.sparsity.scorers import build_scorer
@@ -101,8 +108,9 @@ class Trainer:
     ) -> None:
         self.settings, self.cfg = settings, settings.learner
         self.on_step = on_step
-        # Data parallel (Ray Train): every rank holds the model and steps; only rank 0 talks to the streams,
-        # publishes, checkpoints and logs.
+        # Sharded (Ray Train, W > 1): every rank holds its shards of the policy (learner.sharding) and steps; only
+        # rank 0 talks to the streams, writes the published weights and the checkpoint's files, and logs. Publishing
+        # and checkpointing gather or save shards, so every rank takes part in them.
         self.rank, self.world_size, self.is_leader = rank, world_size, rank == 0
         cfg = self.cfg
         self.run_dir = Path(cfg.run_dir or Path("runs") / settings.run_name)
@@ -113,7 +121,10 @@ class Trainer:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         checkpoint, torch_state = self._restore(resume)
-        base, load_from = Path(self.state.base_model_path), checkpoint or Path(self.state.base_model_path)
+        base = Path(self.state.base_model_path)
+        sharded_checkpoint = checkpoint is not None and (checkpoint / SHARDED_DIR).is_dir()
+        # A sharded checkpoint holds the weights as DCP shards (loaded below); the architecture comes from the base.
+        load_from = checkpoint if checkpoint is not None and not sharded_checkpoint else base
         self.publish_dtype = checkpoint_dtype(base)  # what workers load: the checkpoint's own dtype
         self.policy, self.processor = load_model_and_processor(
             load_from, getattr(torch, cfg.master_dtype), cfg.device, cfg.vision_attention
@@ -121,6 +132,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy.train()  # HF checkpoints only in training mode; Qwen2.5-VL has no dropout to turn on
+        if world_size > 1:
+            shard_policy(self.policy)
         self.reference = None
         if cfg.beta > 0:
             self.reference, _ = load_model_and_processor(base, getattr(torch, cfg.dtype), cfg.device,
@@ -136,8 +149,13 @@ class Trainer:
         self.feeder = TaskFeeder(tasks, cfg.epochs, cfg.seed, self.state.run_id, self.state.feeder)
         total_steps = cfg.max_steps or max(1, math.ceil(self.feeder.total / cfg.groups_per_step))
         self.scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], self.optimizer, cfg.warmup_steps, total_steps)
-        if checkpoint is not None:
+        if sharded_checkpoint:
+            load_sharded(checkpoint / SHARDED_DIR, self.policy, self.optimizer, torch_state["optimizer"]["param_groups"])
+        elif checkpoint is not None and world_size > 1:
+            load_full_optimizer_state(self.policy, self.optimizer, torch_state["optimizer"])
+        elif checkpoint is not None:
             self.optimizer.load_state_dict(torch_state["optimizer"])
+        if checkpoint is not None:
             self.scheduler.load_state_dict(torch_state["scheduler"])
             restore_rng_states(torch_state["rng"])
         self.trained_ids = dict(self.state.trained_groups)  # group id -> the version that made it
@@ -158,13 +176,15 @@ class Trainer:
         self.held: list[Entry] = []  # trained entries, acked once a checkpoint holds their step
         self.recovered: list[Entry] = []  # a crashed predecessor's unacked entries, admitted first
         if self.is_leader:
-            for line in bad_lines:
-                self.tasks_queue.reject(line.raw, f"bad task line {line.where}: {line.reason}", line.where,
-                                        f"{self.state.run_id}:{line.where}")
+            self.tasks_queue.reject_many([
+                Rejection(line.raw, f"bad task line {line.where}: {line.reason}", line.where,
+                          f"{self.state.run_id}:{line.where}")
+                for line in bad_lines
+            ])
             self.recovered = self.trajectories.own_pending()
             if checkpoint is not None:
                 self._roll_back_log()
-            self._catch_up_version()
+        self._catch_up_version()
         self.telemetry.weights.policy_version.labels("learner").set(self.state.policy_version)
         self.run_ahead_limit = run_ahead_limit(cfg.max_groups_in_flight, cfg.groups_per_step, cfg.max_staleness)
         self.telemetry.learner.groups_in_flight_limit.set(self.run_ahead_limit)
@@ -206,7 +226,13 @@ class Trainer:
         run; going on from the checkpoint's number would make their groups look like they came from the
         future. Re-publishing the checkpoint's weights under the next number rolls the workers back to them.
         """
-        announced = latest_weight_version(self.client, self.settings.run_name)
+        announced = latest_weight_version(self.client, self.settings.run_name) if self.is_leader else None
+        if self.world_size > 1:  # publishing gathers shards: every rank must take the same decision
+            import torch.distributed as dist
+
+            holder: list[object] = [announced]
+            dist.broadcast_object_list(holder, src=0)
+            announced = holder[0]
         if announced is not None and announced.version > self.state.policy_version:
             log.warning("announced weights are ahead of the checkpoint; republishing it as the next version",
                         extra={"announced": announced.version, "checkpoint_version": self.state.policy_version})
@@ -373,7 +399,9 @@ class Trainer:
         self.state.step += 1
         self.state.groups_trained += len(batch.groups)
         if self.state.step % self.cfg.publish_every == 0:
-            self.state.policy_version += 1
+            self.publish()  # takes part in gathering the full state dict; rank 0 writes and announces
+        if self.state.step % self.cfg.checkpoint_every == 0:
+            self.checkpoint()
         return {"step": self.state.step}
 
     def _broadcast_groups(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
@@ -399,7 +427,13 @@ class Trainer:
         """
         started = time.perf_counter()
         version, step = self.state.policy_version + 1, self.state.step
-        snapshot = weights_snapshot(self.policy, self.publish_dtype)
+        if self.world_size > 1:
+            snapshot = full_state_dict(self.policy, self.publish_dtype)  # a collective; None on other ranks
+            if snapshot is None:
+                self.state.policy_version = version
+                return time.perf_counter() - started
+        else:
+            snapshot = weights_snapshot(self.policy, self.publish_dtype)
 
         def write_and_announce() -> WeightVersion:
             weight_version, _timings = publish_policy(
@@ -416,16 +450,20 @@ class Trainer:
         self.telemetry.weights.policy_version.labels("learner").set(version)
         return time.perf_counter() - started
 
-    def checkpoint(self) -> float:
-        """Write a checkpoint of the current step; returns the seconds it took."""
+    def checkpoint(self, final: bool = False) -> float:
+        """Write a checkpoint of the current step; returns the seconds it took. Sharded, every rank writes its
+        shards and only the final checkpoint gathers the HF weights (save_pretrained)."""
         started = time.perf_counter()
         self.state.feeder = self.feeder.position.model_copy()
         self.state.trained_groups = dict(self.trained_ids)
         save_checkpoint(self.run_dir, self.policy, self.processor, self.optimizer, self.scheduler, self.state,
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, rank=self.rank, world_size=self.world_size,
+                        hf_weights=final or self.world_size == 1)
+        self._checkpointed_step = self.state.step
+        if not self.is_leader:
+            return time.perf_counter() - started
         self.trajectories.ack(self.held)  # the checkpoint holds these groups' ids now
         self.held.clear()
-        self._checkpointed_step = self.state.step
         return time.perf_counter() - started
 
     def _report(self, record: dict[str, object], lags: list[int]) -> None:
@@ -463,8 +501,8 @@ class Trainer:
                 break
             records.append(self.train_on(batch))
         self.publisher.wait()  # the last version is announced before the run reports it
-        if self.is_leader and self.state.step != self._checkpointed_step and self.state.step > 0:
-            self.checkpoint()
+        if self.state.step > 0 and (self.state.step != self._checkpointed_step or self.world_size > 1):
+            self.checkpoint(final=True)  # sharded: rewritten with the HF weights even when the step has one
         summary = {"steps": self.state.step, "policy_version": self.state.policy_version,
                    "groups_trained": self.state.groups_trained, "run_dir": str(self.run_dir),
                    "losses": [record["loss"] for record in records if "loss" in record], "rank": self.rank}
