@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from services.queues import StreamQueue, connect_redis
+from services.queues import Rejection, StreamQueue, connect_redis
+from services.queues.streams import REJECT_BATCH
 from services.settings import QueueSettings, RedisSettings
 from services.telemetry import Telemetry
 
@@ -65,3 +66,21 @@ def test_dead_lettered_entries_keep_the_stream_bounded_and_are_counted(redis_set
     assert queue.depth() == 0 and queue.pending() == 0  # every entry left the work stream as before
     oldest_kept = queue.dead_letters(count=1)[0].payload
     assert oldest_kept == f"poison-{dead - kept}".encode()
+
+
+def test_a_flood_rejected_in_batches_is_bounded_counted_and_kept_once_per_key(redis_settings: RedisSettings) -> None:
+    telemetry = Telemetry("test")
+    queue = make_queue(redis_settings, telemetry)
+    flood = [Rejection(b'{"id": ' + str(line).encode(), "bad task line: invalid JSON", f"f:{line}", f"run:f:{line}")
+             for line in range(REJECT_BATCH * 5 // 2)]  # three round trips, the last one partial
+    assert queue.reject_many(flood) == len(flood)
+    kept = queue.client.xlen(queue.dead_stream)
+    assert BOUND <= kept <= BOUND + NODE_ENTRIES, kept
+    assert trimmed_total(telemetry, STREAM) == len(flood) - kept
+    ((_newest_id, fields),) = queue.client.xrevrange(queue.dead_stream, count=1)
+    assert fields[b"source_id"] == f"f:{len(flood) - 1}".encode() and fields[b"reason"] == b"bad task line: invalid JSON"
+    # A restarted producer that meets the same lines adds nothing, trimmed or not.
+    assert queue.reject_many(flood) == 0
+    assert queue.client.xlen(queue.dead_stream) == kept and trimmed_total(telemetry, STREAM) == len(flood) - kept
+    last = flood[-1]
+    assert queue.reject(last.payload, last.reason, last.source, last.dedup_key) is None
