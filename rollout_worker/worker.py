@@ -276,6 +276,7 @@ class RolloutWorker:
                 answer_type=task.message.task.answer_type, choices=task.message.task.choices,
                 answers=task.message.task.answers,
                 visual_tokens_kept=rollout.visual_tokens_kept, visual_tokens_total=rollout.visual_tokens_total,
+                group=task.message.task.id,  # a batch holds one group per task
             )
             for task, group in zip(accepted, rollouts)
             for rollout in group

@@ -1,4 +1,8 @@
-"""The combined reward r = w_acc*acc + lambda*eff*[correct] + mu*format, with every component kept."""
+"""The combined reward r = w_acc*acc + lambda*eff*credit + mu*format, with every component kept.
+
+credit is the answer's own accuracy (efficiency_gate 'rollout', the default: pruning never pays for being wrong)
+or the best accuracy in the rollout's group ('group', the paper's gate: C = 1 when any rollout is correct).
+"""
 
 from __future__ import annotations
 
@@ -21,19 +25,36 @@ class ItemError(ValueError):
         self.message = message
 
 
-def combine_reward(accuracy: float, efficiency: float, format_score: float, weights: RewardSettings) -> float:
-    """Total reward; the efficiency reward is scaled by the answer's credit (a bool counts as 0 or 1), so a
-    wrong answer earns none of it and pruning never pays for being wrong."""
+def combine_reward(
+    accuracy: float, efficiency: float, format_score: float, weights: RewardSettings,
+    efficiency_credit: float | None = None,
+) -> float:
+    """Total reward; the efficiency reward is scaled by efficiency_credit, by default the answer's own credit (a
+    bool counts as 0 or 1), so a wrong answer earns none of it and pruning never pays for being wrong."""
     accuracy = float(accuracy)
+    credit = accuracy if efficiency_credit is None else float(efficiency_credit)
     return (
         weights.accuracy_weight * accuracy
-        + weights.efficiency_weight * efficiency * accuracy
+        + weights.efficiency_weight * efficiency * credit
         + weights.format_weight * format_score
     )
 
 
+def efficiency_credits(accuracies: Sequence[float], groups: Sequence[str | None], gate: str) -> list[float]:
+    """Each item's efficiency credit: its own accuracy ('rollout'), or the best accuracy among the items of its
+    group ('group'; an item without a group is a group of its own)."""
+    if gate == "rollout":
+        return [float(accuracy) for accuracy in accuracies]
+    best: dict[str, float] = {}
+    for accuracy, group in zip(accuracies, groups, strict=True):
+        if group is not None:
+            best[group] = max(best.get(group, 0.0), float(accuracy))
+    return [float(accuracy) if group is None else best[group] for accuracy, group in zip(accuracies, groups)]
+
+
 def score_item(item: ScoreItem, weights: RewardSettings) -> RewardBreakdown:
-    """Score one rollout: check the answer, measure its reduction ratio and format, and combine them."""
+    """Score one rollout on its own (efficiency credit: its own answer): check the answer, measure its reduction
+    ratio and format, and combine them."""
     check = check_answer(
         item.completion_text,
         item.answer,
@@ -56,7 +77,8 @@ def score_item(item: ScoreItem, weights: RewardSettings) -> RewardBreakdown:
 
 
 def score_items(items: Sequence[ScoreItem], weights: RewardSettings) -> list[RewardBreakdown]:
-    """Score a batch in order; raise ItemError naming the first item and field that cannot be scored."""
+    """Score a batch in order (under efficiency_gate 'group', items sharing ScoreItem.group share their best
+    credit); raise ItemError naming the first item and field that cannot be scored."""
     results = []
     for index, item in enumerate(items):
         try:
@@ -67,4 +89,12 @@ def score_items(items: Sequence[ScoreItem], weights: RewardSettings) -> list[Rew
             raise ItemError(index, "required_format", str(error)) from error
         except TokenCountError as error:  # reachable only when ScoreItem validation was bypassed
             raise ItemError(index, "visual_tokens_kept", str(error)) from error
-    return results
+    if weights.efficiency_gate == "rollout":
+        return results
+    credits = efficiency_credits([result.accuracy for result in results], [item.group for item in items],
+                                 weights.efficiency_gate)
+    return [
+        result.model_copy(update={"total": combine_reward(result.accuracy, result.efficiency, result.format,
+                                                          weights, credit)})
+        for result, credit in zip(results, credits)
+    ]

@@ -172,6 +172,10 @@ class ScoreItem(BaseModel):
     required_format: str | None = Field(
         None, max_length=256, description="A regex the completion must match to earn the format reward."
     )
+    group: str | None = Field(
+        None, max_length=MAX_ID_CHARS,
+        description="The rollout group the item belongs to, for rewards.efficiency_gate='group'; none: its own.",
+    )
 
     @model_validator(mode="after")
     def _kept_within_total(self) -> ScoreItem:
@@ -196,7 +200,8 @@ class RewardBreakdown(BaseModel):
     accuracy: float = Field(ge=0, le=1, description="r_acc in [0, 1]: 0 or 1, fractional for answer_type 'vqa'.")
     efficiency: float = Field(ge=0, le=1, description="r_eff: achieved reduction ratio, 1 - kept/total.")
     format: float = Field(ge=0, le=1, description="1 when the completion has the required format.")
-    total: float = Field(description="accuracy_weight*acc + lambda*eff*acc + mu*format.")
+    total: float = Field(description="accuracy_weight*acc + lambda*eff*credit + mu*format (credit: the answer's "
+                         "accuracy, or its group's best under efficiency_gate='group').")
     parsed_answer: str | None = Field(None, description="The answer the checker read from the completion.")
 
 

@@ -123,3 +123,25 @@ def test_score_items_names_the_failing_item_and_field() -> None:
     with pytest.raises(ItemError) as raised:
         score_items([_item(required_format="(")], RewardSettings())
     assert (raised.value.index, raised.value.field) == (0, "required_format")
+
+
+def _yes_no_item(completion: str, kept: int, group: str | None) -> ScoreItem:
+    return ScoreItem(completion_text=completion, answer="yes", answer_type=AnswerType.YES_NO,
+                     visual_tokens_kept=kept, visual_tokens_total=100, group=group)
+
+
+def test_group_gate_pays_efficiency_to_wrong_rollouts_of_a_group_with_a_correct_one() -> None:
+    weights = RewardSettings(efficiency_weight=0.5, efficiency_gate="group")
+    items = [_yes_no_item("yes", 50, "g1"), _yes_no_item("no", 20, "g1"),  # g1: one right -> C = 1 for both
+             _yes_no_item("no", 20, "g2"), _yes_no_item("no", 10, "g2"),   # g2: none right -> C = 0
+             _yes_no_item("no", 20, None)]                                 # no group: its own credit
+    totals = [result.total for result in score_items(items, weights)]
+    assert totals == pytest.approx([1.0 + 0.5 * 0.5, 0.0 + 0.5 * 0.8, 0.0, 0.0, 0.0])
+
+
+def test_rollout_gate_pays_efficiency_only_to_correct_answers_whatever_the_group() -> None:
+    weights = RewardSettings(efficiency_weight=0.5)
+    items = [_yes_no_item("yes", 50, "g1"), _yes_no_item("no", 20, "g1")]
+    assert [result.total for result in score_items(items, weights)] == pytest.approx([1.25, 0.0])
+    assert [result.total for result in score_items(items, weights)] == [score_item(item, weights).total
+                                                                        for item in items]
