@@ -51,7 +51,7 @@ from services.schemas import TrajectoryGroup
 from services.settings.models import paper_budgets
 from services.sparsity.scorers import build_scorer
 
-LEARNING_RATE = 1e-3  # large enough that 5 steps move every weight well past rounding
+LEARNING_RATE = 1e-4  # AdamW moves weights ~lr a step: far past rounding, and the KL term stays tame
 # AdamW's update is lr * m / (sqrt(v) + eps): for an element whose summed gradient is within rounding of zero, the
 # rank-order rounding of the sum can move it by up to ~lr. So besides the max we count the elements apart by more.
 PARAMETER_TOLERANCE = 1e-6
@@ -190,6 +190,8 @@ def _report(single: list[dict[str, Any]], sharded: list[dict[str, Any]], weights
         "dtype": "float32", "steps": steps, "groups_per_step": args.groups, "learning_rate": LEARNING_RATE,
         "backend": "gloo (CPU), torch.multiprocessing", "sharding": "FSDP2 fully_shard (learner.sharding)",
         "max_abs_delta_loss": max(delta_loss), "abs_delta_loss_per_step": delta_loss,
+        "max_relative_delta_loss": max(d / max(abs(a), 1.0) for d, a in zip(delta_loss, single[0]["losses"],
+                                                                              strict=True)),
         "max_abs_delta_parameter": delta_param, "max_abs_parameter_move": moved,
         "parameter_tolerance": PARAMETER_TOLERANCE, "share_of_parameters_beyond_tolerance": differing_share,
         "max_relative_delta_grad_norm": max(abs(a - b) / max(abs(a), 1e-12) for a, b in

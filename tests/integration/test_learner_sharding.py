@@ -27,13 +27,13 @@ TINY = REPO / "assets" / "tiny-qwen25vl"
 def test_two_sharded_ranks_take_the_steps_of_one(tmp_path: Path) -> None:
     run_quick_bench("bench/learner_scaling.py", tmp_path, timeout=1200)
     written = json.loads((tmp_path / "learner_scaling.json").read_text())
-    # The same fp32 sums in another order (per rank, then across ranks): the losses (about 5) and the gradient
-    # norms agree to a few float32 ulps, far inside 1e-5; a lost, doubled or misrouted gradient is off by O(1).
-    assert written["max_abs_delta_loss"] <= 1e-5, written["abs_delta_loss_per_step"]
+    # The same fp32 sums in another order (per rank, then across ranks): the losses and the gradient norms agree
+    # to a few float32 ulps (1e-7 relative), far inside 1e-5; a lost, doubled or misrouted gradient is off by O(1).
+    assert written["max_relative_delta_loss"] <= 1e-5, written["abs_delta_loss_per_step"]
     assert written["max_relative_delta_grad_norm"] <= 1e-5
     # AdamW turns a rounding-level difference in a near-zero gradient element into up to ~lr of movement, so the
     # weights are held to 1e-6 elementwise for all but a sliver of elements (and moved well past that).
-    assert written["max_abs_parameter_move"] > 100 * written["parameter_tolerance"]
+    assert written["max_abs_parameter_move"] > 10 * written["parameter_tolerance"]
     assert written["share_of_parameters_beyond_tolerance"] < 1e-3
     assert written["max_abs_delta_parameter"] <= written["learning_rate"] * written["steps"]
     one = written["one_rank"][0]
