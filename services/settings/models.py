@@ -268,7 +268,8 @@ class LearnerSettings(StrictModel):
     ray_num_cpus: float = Field(1.0, gt=0, description="CPUs the trainer actor reserves.")
     ray_num_gpus: float = Field(0.0, ge=0, description="GPUs the trainer actor reserves.")
     num_workers: int = Field(
-        1, ge=1, description="Data-parallel Ray Train workers (gradients all-reduced); 1 runs one Ray actor."
+        1, ge=1, description="Ray Train workers; > 1 shards the policy, its gradients and AdamW state over them "
+        "(FSDP2, learner.sharding); 1 runs one Ray actor."
     )
 
 
