@@ -18,11 +18,11 @@ from typing import Any
 
 import redis
 import torch
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from services.schemas import WeightVersion
 from services.weights import announce_weights, write_weights_version
+from services.weights.hf import checkpoint_tensors
+from services.weights.stream import recyclable_blob
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ class PublishTimings:
     def total_s(self) -> float:
         """Whole publish, first byte written to announcement."""
         return self.write_s + self.announce_s
-
-
-def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors save_pretrained would write, under the names it would write them: tied copies dropped and
-    the checkpoint's own names restored (transformers renames some on load, e.g. Qwen2.5-VL's
-    model.language_model.*), so vLLM and from_pretrained read the version like any HF folder."""
-    # The two steps save_pretrained itself runs before writing (transformers.modeling_utils.save_pretrained).
-    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(state_dict), model))
 
 
 def _config_writer(model: torch.nn.Module, processor: Any, dtype: torch.dtype) -> Callable[[Path], None]:
@@ -80,7 +72,8 @@ def publish_policy(
     tensors = checkpoint_tensors(model, state_dict if state_dict is not None else model.state_dict())
     published_dtype = dtype if dtype is not None else next(model.parameters()).dtype
     weight_version = write_weights_version(tensors, weights_root, version, learner_step=learner_step,
-                                           write_config=_config_writer(model, processor, published_dtype))
+                                           write_config=_config_writer(model, processor, published_dtype),
+                                           recycle=recyclable_blob(weights_root, keep_versions))
     written = time.perf_counter()
     if client is not None:
         announce_weights(client, run_name, weight_version)

@@ -41,7 +41,8 @@ def build_worker(settings: Settings, telemetry: Telemetry, cleanup: contextlib.E
     cleanup.callback(engine.shutdown)
     # initial_folder: what the engine is rolled back to if its first reload fails part-way.
     watcher = WeightWatcher(client, settings.run_name, engine.load_weights, initial_folder=settings.rollout.model_path,
-                            poll_s=settings.rollout.weights_poll_s, metrics=telemetry.weights)
+                            poll_s=settings.rollout.weights_poll_s, metrics=telemetry.weights,
+                            load_verified=engine.load_verified if engine.loads_in_place else None)
     cleanup.callback(watcher.close)
     watcher.maybe_update(force=True)  # a restarted worker starts on the run's latest weights
     worker = RolloutWorker(

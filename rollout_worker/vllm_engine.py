@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 from rollout_worker.engine import PreparedRollout, TaskInputError
+from rollout_worker.weights import reload_vllm_verified
 from services.modeling import load_model_and_processor
 from services.rollout.pruned import PrunedRequest, pruned_rollouts
-from services.schemas import Rollout
+from services.schemas import Rollout, WeightVersion
 from services.settings import Settings
 from services.sparsity.scorers import build_scorer
+from services.weights import load_verified_into
+from services.weights.hf import checkpoint_destination
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,12 @@ def stored_dtype(model_path: Path, configured: str) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
 
 
+def vllm_in_process(settings: Settings) -> bool:
+    """Whether vLLM's engine core runs in this process (rollout.vllm_in_process; None: on CPU only)."""
+    configured = settings.rollout.vllm_in_process
+    return (not torch.cuda.is_available()) if configured is None else configured
+
+
 def build_llm(model_path: Path, settings: Settings):
     """A vLLM engine for the policy, sized by settings.rollout (CPU KV cache or GPU memory share)."""
     rollout = settings.rollout
@@ -40,7 +49,7 @@ def build_llm(model_path: Path, settings: Settings):
     if not on_gpu:
         # The CPU backend sizes its KV cache from this variable only; settings own the value.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{rollout.vllm_kv_cache_gb:g}"
-    in_process = (not on_gpu) if rollout.vllm_in_process is None else rollout.vllm_in_process
+    in_process = vllm_in_process(settings)
     # vLLM reads this switch only from the environment, when the engine is built.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     from vllm import LLM
@@ -67,6 +76,8 @@ class VllmRolloutEngine:
         self.model, self.processor = load_model_and_processor(self.model_path)
         self.scorer = build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer)
         self.llm = build_llm(self.model_path, settings)
+        # In-place verified reloads hand vLLM a generator, which cannot cross to an engine-core process.
+        self.loads_in_place = vllm_in_process(settings)
         # No per-request seed: on vLLM-cpu a seeded request with chunked prefill crashes the engine;
         # the engine-wide seed (settings.rollout.seed) keeps runs repeatable.
         self.sampling_params = SamplingParams(
@@ -106,6 +117,16 @@ class VllmRolloutEngine:
         # Weight folders hold the model alone; the processor (tokenizer, image config) never changes.
         self.model = type(self.model).from_pretrained(folder, dtype=self.model.dtype).eval()
         log.info("engine weights reloaded", extra={"folder": str(folder)})
+
+    def load_verified(self, weight_version: WeightVersion) -> None:
+        """Load a manifest version in place into vLLM and the HF scorer, each chunk verified as it is read
+        (rollout_worker.weights): no folder reload, no new scorer model. Needs vLLM in this process."""
+        reload_vllm_verified(self.llm, weight_version)
+        self.llm.llm_engine.reset_encoder_cache()  # the same three caches as load_weights, for the same reasons
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+        load_verified_into(weight_version, checkpoint_destination(self.model))
+        log.info("engine weights reloaded in place", extra={"version": weight_version.version})
 
     def shutdown(self) -> None:
         """Stop vLLM's engine-core process."""

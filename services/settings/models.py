@@ -239,7 +239,9 @@ class LearnerSettings(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
     run_dir: Path | None = Field(None, description="Run folder (checkpoints, weights, logs); None: runs/<run_name>.")
     weights_root: Path | None = Field(
-        None, description="Shared folder for published weight versions; None: <run_dir>/weights."
+        None, description="Folder for published weight versions, shared with the workers; None: <run_dir>/weights. "
+        "On one host a tmpfs (e.g. /dev/shm/<run_name>) makes a publish move the bytes once through memory; "
+        "across hosts a shared volume.",
     )
     seed: int = Field(0, description="Seed of torch/numpy/python RNGs and of the dataset shuffle.")
     device: str = Field("cpu", description="Torch device of the policy and the reference ('cpu', 'cuda').")

@@ -3,6 +3,7 @@
 from services.weights.store import (
     WeightIntegrityError,
     announce_weights,
+    copy_verified_weights,
     hash_weights_folder,
     latest_weight_version,
     publish_weights_folder,
@@ -22,6 +23,7 @@ __all__ = [
     "WeightIntegrityError",
     "announce_weights",
     "copy_verified_version",
+    "copy_verified_weights",
     "hash_weights_folder",
     "latest_weight_version",
     "link_version",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 from collections import deque
@@ -126,17 +127,21 @@ class HashPipeline:
         self._executor.shutdown(wait=True)
 
 
-def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int) -> FileDigest:
-    """Write the pieces to a new file while a second thread hashes what was just written."""
+def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int, overwrite: bool = False) -> FileDigest:
+    """Write the pieces to the file while a second thread hashes what was just written.
+
+    overwrite: the file exists (a recycled blob) and is written over in place, then cut to the new size.
+    """
     pipeline, size = HashPipeline(chunk_bytes), 0
     try:
-        with path.open("xb", buffering=0) as handle:
+        with path.open("r+b" if overwrite else "xb", buffering=0) as handle:
             for piece in pieces:
                 for start in range(0, len(piece), PIECE_BYTES):
                     part = piece[start:start + PIECE_BYTES]
                     handle.write(part)
                     pipeline.submit(part)
                     size += len(part)
+            handle.truncate(size)
     finally:
         digests = pipeline.finish()
     return FileDigest(size=size, chunks=digests)
@@ -145,6 +150,7 @@ def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int) ->
 def write_weights_version(
     tensors: Mapping[str, torch.Tensor], root: Path, version: int, *, learner_step: int = 0,
     write_config: Callable[[Path], None] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    recycle: Path | None = None,
 ) -> WeightVersion:
     """Write tensors as <root>/v<version>/model.safetensors in one hashed pass, with its manifest, atomically.
 
@@ -152,6 +158,10 @@ def write_weights_version(
     processor files) into the folder first; the model config files among them are hashed too. The folder
     appears under its final name only once every byte and the manifest are written (an atomic rename), and
     its files are made read-only. Returns the WeightVersion to announce.
+
+    recycle: the blob of a version nobody holds any more (``recyclable_blob``), moved here and written over in
+    place: on a tmpfs its pages are already allocated, so the bytes are copied at memory speed instead of
+    being faulted in and zeroed page by page (about half of a fresh write's time).
     """
     target = version_folder(root, version)
     staging = target.with_name(target.name + ".tmp")
@@ -163,7 +173,11 @@ def write_weights_version(
              for name in MODEL_CONFIG_FILES if (staging / name).is_file()}
     # One tensor at a time reaches host memory (a snapshot on the GPU is never copied to the host whole).
     blob_pieces = itertools.chain([memoryview(safetensors_header(tensors))], map(_raw_bytes, tensors.values()))
-    files[SAFETENSORS_NAME] = _write_hashed(staging / SAFETENSORS_NAME, blob_pieces, chunk_bytes)
+    if recycle is not None:
+        os.replace(recycle, staging / SAFETENSORS_NAME)
+        (staging / SAFETENSORS_NAME).chmod(0o644)
+    files[SAFETENSORS_NAME] = _write_hashed(staging / SAFETENSORS_NAME, blob_pieces, chunk_bytes,
+                                            overwrite=recycle is not None)
     manifest = WeightManifest(chunk_bytes=chunk_bytes, files=files)
     raw = manifest.to_bytes()
     (staging / MANIFEST_NAME).write_bytes(raw)
@@ -174,6 +188,18 @@ def write_weights_version(
     os.replace(staging, target)  # readers never see a half-written version folder
     return WeightVersion(version=version, uri=str(target), manifest_blake3=manifest_digest(raw),
                          num_bytes=manifest.num_bytes, learner_step=learner_step)
+
+
+def recyclable_blob(root: Path, keep: int) -> Path | None:
+    """The blob of the oldest version that the next prune (keeping `keep`, the new one included) removes,
+    when no other name links to it (no worker holds it): its pages can take the next version's bytes."""
+    versions = sorted(path for path in Path(root).glob("v*") if path.is_dir() and path.name[1:].isdigit())
+    for folder in versions[:max(len(versions) + 1 - keep, 0)]:
+        blob = folder / SAFETENSORS_NAME
+        with contextlib.suppress(FileNotFoundError):
+            if blob.stat().st_nlink == 1:
+                return blob
+    return None
 
 
 def read_manifest(weight_version: WeightVersion, folder: Path | None = None) -> WeightManifest:
@@ -256,19 +282,19 @@ class VerifiedReader:
 def _parse_header(raw: bytes, data_bytes: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
     """(name, dtype, shape, start, end) of each tensor, in file order; refuses offsets that do not tile the
     data section (a header changed in place is caught by its chunk hash too, but only after it is used)."""
-    entries = sorted(((name, spec) for name, spec in json.loads(raw).items() if name != "__metadata__"),
-                     key=lambda item: item[1]["data_offsets"][0])
-    layout, expected = [], 0
-    for name, spec in entries:
-        start, end = spec["data_offsets"]
-        dtype = _DTYPES.get(spec["dtype"])
-        numel = 1
-        for size in spec["shape"]:
-            numel *= size
-        if dtype is None or start != expected or end - start != numel * torch.empty((), dtype=dtype).element_size():
-            raise WeightIntegrityError(f"safetensors header entry {name} is malformed: {spec}")
-        layout.append((name, dtype, spec["shape"], start, end))
-        expected = end
+    try:
+        entries = sorted(((name, spec) for name, spec in json.loads(raw).items() if name != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        layout, expected = [], 0
+        for name, spec in entries:
+            start, end = spec["data_offsets"]
+            dtype, shape = _DTYPES.get(spec["dtype"]), [int(size) for size in spec["shape"]]
+            if dtype is None or start != expected or end - start != math.prod(shape) * dtype.itemsize:
+                raise WeightIntegrityError(f"safetensors header entry {name} is malformed: {spec}")
+            layout.append((name, dtype, shape, start, end))
+            expected = end
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not the format's shape
+        raise WeightIntegrityError(f"safetensors header is malformed: {error}") from error
     if expected != data_bytes:
         raise WeightIntegrityError(f"safetensors header covers {expected} of {data_bytes} data bytes")
     return layout
@@ -280,8 +306,8 @@ def verified_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each (name, tensor) of the version's safetensors blob, read once and verified chunk by chunk.
 
-    With destination, a tensor it names is read straight into that tensor (same shape and dtype: an engine's
-    parameter, loaded in place); the others into new tensors. A chunk is checked as soon as its last byte is
+    With destination, a tensor it names is loaded into that tensor in place (an engine's parameter: the same
+    shape; read straight into it when the dtype matches, else cast into it); the others into new tensors. A chunk is checked as soon as its last byte is
     read, so a tensor may be yielded before the chunk it ends in is checked: exhaust the iterator before
     trusting what was loaded (the last check runs on exhaustion), and roll back on WeightIntegrityError.
     """
@@ -304,14 +330,19 @@ def verified_tensors(
         reader.readinto(memoryview(header))
         for name, dtype, shape, start, end in _parse_header(bytes(header), digest.size - 8 - header_bytes):
             target = destination.get(name) if destination is not None else None
-            if target is not None and (list(target.shape) != shape or target.dtype != dtype
-                                       or not target.is_contiguous() or target.device.type != "cpu"):
-                raise ValueError(f"tensor {name}: the destination is {target.dtype}{list(target.shape)}, the "
-                                 f"version holds {dtype}{shape}")
-            tensor = target if target is not None else torch.empty(shape, dtype=dtype)
+            if target is not None and list(target.shape) != shape:
+                raise ValueError(f"tensor {name}: the destination has shape {list(target.shape)}, the version "
+                                 f"{shape}")
+            # Straight into the destination when the bytes fit it as they are; else through a host tensor
+            # (another dtype, a GPU tensor), copied over once read.
+            direct = target is not None and target.dtype == dtype and target.is_contiguous() and not target.is_cuda
+            tensor = target if direct else torch.empty(shape, dtype=dtype)
             if end > start:
                 reader.readinto(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
-            yield name, tensor
+            if target is not None and not direct:
+                with torch.no_grad():
+                    target.copy_(tensor)
+            yield name, target if target is not None else tensor
     except BaseException:  # a mismatch, a bad destination, or the consumer stopped early
         reader.abort()
         raise
