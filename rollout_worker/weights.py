@@ -15,7 +15,9 @@ good version is loaded again into every part, so the worker keeps serving one ve
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
 import weakref
@@ -31,6 +33,33 @@ from services.weights.store import WeightIntegrityError, copy_verified_weights, 
 from services.weights.stream import link_version, verified_tensors
 
 log = logging.getLogger(__name__)
+
+
+def worker_folder_prefix() -> str:
+    """Name start of this host's worker folders in a weights root; the owner's process tag follows."""
+    return f".worker-{socket.gethostname()}-"
+
+
+def process_tag(pid: int) -> str | None:
+    """'<pid>.<start time>' of a live process (its start time tells a reused pid apart), or None if none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}.{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, counted after the parenthesised name
+
+
+def remove_dead_worker_folders(root: Path) -> list[Path]:
+    """Remove the folders that workers on this host left in the weights root when they died (killed before
+    ``close``): their hard links would pin versions in a tmpfs's memory. Returns what was removed."""
+    removed = []
+    for folder in Path(root).glob(f"{worker_folder_prefix()}*"):
+        tag = folder.name.removeprefix(worker_folder_prefix()).split("-", 1)[0]
+        pid = tag.split(".", 1)[0]
+        if pid.isdigit() and process_tag(int(pid)) != tag:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def reload_vllm_verified(llm: Any, weight_version: WeightVersion) -> None:
@@ -171,7 +200,8 @@ class WeightWatcher:
         root = Path(announced.uri).parent
         if root not in self._links:
             try:
-                folder = Path(tempfile.mkdtemp(prefix=".worker-", dir=root))
+                remove_dead_worker_folders(root)
+                folder = Path(tempfile.mkdtemp(prefix=f"{worker_folder_prefix()}{process_tag(os.getpid())}-", dir=root))
                 self._cleanups.append(weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True))
             except OSError:  # not there yet, or not writable for this worker
                 return self.staging

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from learner.publishing import publish_policy, weights_snapshot
-from rollout_worker.weights import WeightWatcher
+from rollout_worker.weights import WeightWatcher, process_tag, worker_folder_prefix
 from services.modeling import TinyModelSpec, build_tiny_model, load_model_and_processor
 from services.queues import connect_redis
 from services.schemas import WeightVersion
@@ -224,3 +224,21 @@ def test_the_blob_of_a_version_nobody_holds_takes_the_next_version(tmp_path: Pat
     smaller = write_weights_version({"only": torch.ones(2)}, root, 4, chunk_bytes=CHUNK,
                                     recycle=Path(v3.uri) / "model.safetensors")
     assert load_file(str(Path(smaller.uri) / "model.safetensors"))["only"].tolist() == [1.0, 1.0]  # cut to size
+
+
+def test_folders_of_dead_workers_are_removed_so_their_links_free_the_memory(tmp_path: Path, redis_settings) -> None:
+    client = connect_redis(redis_settings)
+    root = tmp_path / "weights"
+    v1 = write(root, 1, 1.0)
+    live = root / f"{worker_folder_prefix()}{process_tag(os.getpid())}-live"  # another watcher of this process
+    dead = root / f"{worker_folder_prefix()}{os.getpid()}.1-dead"  # this pid in an earlier life (reused)
+    for folder in (live, dead):
+        folder.mkdir()
+        os.link(Path(v1.uri) / "model.safetensors", folder / "model.safetensors")
+    engine = InPlaceEngine()
+    watcher = WeightWatcher(client, "run", engine.load, load_verified=engine.load_verified, poll_s=0.0)
+    announce_weights(client, "run", v1)
+    assert watcher.maybe_update() is True
+    assert live.exists() and not dead.exists()
+    assert (Path(v1.uri) / "model.safetensors").stat().st_nlink == 3  # the learner's, live's, this watcher's
+    watcher.close()
