@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -46,10 +47,40 @@ redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[4]))
 return {id, before + 1 - redis.call('XLEN', KEYS[1])}
 """
 
+# The same for a whole batch under one key: ARGV = ttl, max length, then (payload, reason, source) per entry.
+# One key per batch, not per line: a flood of bad lines leaves about lines / REJECT_BATCH keys in Redis, where
+# a key per line would grow it by ~290 bytes a line (28 MB for 100,000). Returns {added, entries trimmed}.
+_REJECT_BATCH_ONCE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local before = redis.call('XLEN', KEYS[1])
+local added = 0
+for i = 3, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+             'p', ARGV[i], 'reason', ARGV[i + 1], 'source_id', ARGV[i + 2], 'deliveries', 0)
+  added = added + 1
+end
+redis.call('SET', KEYS[2], added, 'EX', tonumber(ARGV[1]))
+return {added, before + added - redis.call('XLEN', KEYS[1])}
+"""
 
-# Rejections sent per round trip: with `appendfsync always` Redis fsyncs its AOF once per batch of commands,
-# not once per line, so a flood of 100,000 bad dataset lines takes seconds instead of minutes.
+
+# Rejections in one script call: one round trip and, with `appendfsync always`, one AOF fsync per batch, not
+# per line, so a flood of 100,000 bad dataset lines takes seconds instead of minutes.
 REJECT_BATCH = 1000
+REJECT_BATCH_BYTES = 8 * 2**20  # ...and at most about this many payload bytes (bad lines can be long)
+
+
+def _batches(rejections: Sequence[Rejection]) -> list[Sequence[Rejection]]:
+    """Consecutive runs of at most REJECT_BATCH rejections and about REJECT_BATCH_BYTES payload bytes."""
+    batches, start, size = [], 0, 0
+    for index, rejection in enumerate(rejections):
+        if index > start and (index - start == REJECT_BATCH or size + len(rejection.payload) > REJECT_BATCH_BYTES):
+            batches.append(rejections[start:index])
+            start, size = index, 0
+        size += len(rejection.payload)
+    if start < len(rejections):
+        batches.append(rejections[start:])
+    return batches
 
 
 class QueueFull(RuntimeError):
@@ -109,6 +140,7 @@ class StreamQueue:
         self._put_many_script = client.register_script(_PUT_MANY_IF_ROOM)
         self._put_unique_script = client.register_script(_PUT_UNIQUE_IF_ROOM)
         self._reject_script = client.register_script(_REJECT_UNIQUE)
+        self._reject_batch_script = client.register_script(_REJECT_BATCH_ONCE)
         self._next_reclaim_at = 0.0
         self._group_ready = False
 
@@ -298,37 +330,46 @@ class StreamQueue:
     def reject(self, payload: bytes, reason: str, source: str, dedup_key: str, *, ttl_s: int = 7 * 24 * 3600) -> str | None:
         """Dead-letter a payload that never reached the stream (e.g. a bad dataset line), once per dedup_key;
         returns the dead letter's id, or None when that key was already rejected."""
-        rejection = Rejection(payload, reason, source, dedup_key)
-        return self._rejected(rejection, self._reject_script(**self._reject_call(rejection, ttl_s)))
-
-    def reject_many(self, rejections: Sequence[Rejection], *, ttl_s: int = 7 * 24 * 3600) -> int:
-        """`reject` each, REJECT_BATCH to a round trip; returns how many were new (not rejected before)."""
-        added = 0
-        for start in range(0, len(rejections), REJECT_BATCH):
-            batch = rejections[start:start + REJECT_BATCH]
-            pipe = self.client.pipeline(transaction=False)
-            for rejection in batch:
-                self._reject_script(**self._reject_call(rejection, ttl_s), client=pipe)
-            added += sum(self._rejected(r, result) is not None for r, result in zip(batch, pipe.execute()))
-        return added
-
-    def _reject_call(self, rejection: Rejection, ttl_s: int) -> dict[str, list]:
-        """The keys and arguments of one _REJECT_UNIQUE call."""
-        key = f"{self.dead_stream}:rejected:{rejection.dedup_key}"
-        return {"keys": [self.dead_stream, key], "args": [rejection.payload, rejection.reason[:2000], rejection.source,
-                                                          ttl_s, self.settings.dead_letter_max_length]}
-
-    def _rejected(self, rejection: Rejection, added: int | list) -> str | None:
-        """Count and log one _REJECT_UNIQUE result; the dead letter's id, or None when the key was seen before."""
+        key = f"{self.dead_stream}:rejected:{dedup_key}"
+        added = self._reject_script(
+            keys=[self.dead_stream, key],
+            args=[payload, reason[:2000], source, ttl_s, self.settings.dead_letter_max_length],
+        )
         if added == 0:
             return None
         dead_id, trimmed = added
         self._count_trimmed(int(trimmed))
-        if self.metrics:
-            self.metrics.dead_lettered.labels(self.stream, rejection.reason.split(":")[0][:60]).inc()
-        log.error("rejected payload", extra={"stream": self.stream, "source": rejection.source,
-                                             "reason": rejection.reason})
+        self._log_rejected([Rejection(payload, reason, source, dedup_key)])
         return dead_id.decode()
+
+    def reject_many(self, rejections: Sequence[Rejection], *, ttl_s: int = 7 * 24 * 3600) -> int:
+        """Dead-letter many payloads, each batch (REJECT_BATCH, fewer when long) once, in one script call.
+
+        A batch's key is a hash of its dedup keys, so a restarted producer that meets the same rejections in
+        the same order adds nothing. Returns how many were added.
+        """
+        added = 0
+        for batch in _batches(rejections):
+            batch_hash = hashlib.sha256("\n".join(r.dedup_key for r in batch).encode()).hexdigest()
+            args: list[bytes | str | int] = [ttl_s, self.settings.dead_letter_max_length]
+            for rejection in batch:
+                args += [rejection.payload, rejection.reason[:2000], rejection.source]
+            result = self._reject_batch_script(keys=[self.dead_stream, f"{self.dead_stream}:rejected:{batch_hash}"],
+                                               args=args)
+            if result == 0:
+                continue
+            self._count_trimmed(int(result[1]))
+            self._log_rejected(batch)
+            added += int(result[0])
+        return added
+
+    def _log_rejected(self, rejections: Sequence[Rejection]) -> None:
+        """Count and log each rejection (the log keeps the reason of a dead letter the bound trims later)."""
+        for rejection in rejections:
+            if self.metrics:
+                self.metrics.dead_lettered.labels(self.stream, rejection.reason.split(":")[0][:60]).inc()
+            log.error("rejected payload", extra={"stream": self.stream, "source": rejection.source,
+                                                 "reason": rejection.reason})
 
     def _count_trimmed(self, trimmed: int) -> None:
         """Count dead letters that MAXLEN dropped; a trim means a flood, so it is logged too."""
