@@ -10,8 +10,11 @@ of a unit whose backward the autograd graph never entered, e.g. the text attenti
 
 Every gather and reduce-scatter is a collective, so every rank must call the same units in the same order:
 ``learner.step`` runs the same number of vision chunks, micro-batches and scorer passes on every rank, padding a
-rank that has less with zero-weight passes (``lockstep_counts``). Gradients are summed over ranks, not averaged
-(``set_gradient_divide_factor(1.0)``): each row's loss weight already comes from the whole step.
+rank that has less with zero-weight passes (``lockstep_counts``). Each unit reduce-scatters its gradients in every
+backward rather than once per step: holding them unsharded until the step's last backward
+(``set_requires_gradient_sync(False)``) would keep a full-model gradient on every rank for the whole step.
+FSDP2 averages over ranks; the step wants the sum (each row's loss weight already comes from the whole step), so
+it scales by W (``sum_gradients``; a divide factor of 1 needs ReduceOp.PREMUL_SUM, which gloo lacks).
 
 The frozen KL reference is not sharded: it runs under no_grad, so it has no gradients or optimizer state, and
 replicating it keeps its passes free of collectives (its memory is one compute-dtype copy per rank).
@@ -106,11 +109,18 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor must sit to go through the default process group (NCCL reduces GPU tensors only)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def lockstep_counts(counts: Sequence[Sequence[int]]) -> list[list[int]]:
     """Each entry's maximum over ranks (counts: slots x kinds), so every rank runs as many passes of each kind."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [list(row) for row in counts]
-    packed = torch.tensor(counts, dtype=torch.int64).reshape(len(counts), -1)
+    packed = torch.tensor(counts, dtype=torch.int64, device=collective_device()).reshape(len(counts), -1)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     return packed.tolist()
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, row_token_weights
 from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
-from learner.sharding import grad_norm_value, sum_gradients
+from learner.sharding import collective_device, grad_norm_value, sum_gradients
 from services.modeling.batched_forward import (
     RowSpec,
     batched_completion_logprobs,
@@ -282,12 +282,13 @@ def all_reduce_metrics(sums: dict[str, float], maxima: dict[str, float]) -> None
     here: the sharded policy's units reduce-scatter them in their backward (learner.sharding)."""
     import torch.distributed as dist
 
+    device = collective_device()
     names = sorted(sums)
-    packed = torch.tensor([sums[name] for name in names], dtype=torch.float64)
+    packed = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     sums.update(zip(names, packed.tolist(), strict=True))
     names = sorted(maxima)
-    packed = torch.tensor([maxima[name] for name in names], dtype=torch.float64)
+    packed = torch.tensor([maxima[name] for name in names], dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     maxima.update(zip(names, packed.tolist(), strict=True))
 

@@ -123,7 +123,8 @@ def run_in_ray(settings: Settings, resume: bool, on_step: StepCallback, poll_s: 
 
 
 def train_worker(config: dict[str, object]) -> None:
-    """One Ray Train worker: its rank of the data-parallel trainer (torch.distributed is set up by Ray Train)."""
+    """One Ray Train worker: its rank of the sharded trainer (torch.distributed is set up by Ray Train; the
+    trainer shards the policy over the ranks with FSDP2, learner.sharding)."""
     import ray.train
     import ray.train.torch
 
@@ -147,7 +148,7 @@ def train_worker(config: dict[str, object]) -> None:
 
 
 def run_in_ray_train(settings: Settings, resume: bool) -> dict[str, object]:
-    """Run learner.num_workers data-parallel trainer ranks as a Ray Train worker group; rank 0's summary."""
+    """Run learner.num_workers sharded trainer ranks as a Ray Train worker group; rank 0's summary."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
