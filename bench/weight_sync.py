@@ -55,7 +55,6 @@ from services.weights import (
     write_weights_version,
 )
 from services.weights.hf import checkpoint_destination
-from services.weights.stream import recyclable_blob
 
 PASSWORD = "bench-weight-sync"
 
@@ -213,7 +212,7 @@ class Watchers:
 
 
 PATHS = {"inplace": "shm, in place", "folder": "folder copy (before)"}
-KEEP_VERSIONS = 2  # as a run keeps them: the version workers run and the one before (room to recycle)
+KEEP_VERSIONS = 2  # the version the workers run and the one before
 
 
 def best_of(rows: list[dict[str, Any]], memcpy_s: float) -> dict[str, Any]:
@@ -274,8 +273,7 @@ def bench_synthetic(workdir: Path, shm: Path, redis: RedisSettings, workers: int
         started = time.time()
         if path == "inplace":
             root = shm / run_name
-            version = write_weights_version(state, root, version_number, learner_step=version_number,
-                                            recycle=recyclable_blob(root, KEEP_VERSIONS))
+            version = write_weights_version(state, root, version_number, learner_step=version_number)
             written = time.time()
             announce_weights(client, run_name, version)
             stages = {"save_s": written - started, "copy_hash_s": 0.0, "announce_s": time.time() - written}

@@ -22,7 +22,6 @@ import torch
 from services.schemas import WeightVersion
 from services.weights import announce_weights, write_weights_version
 from services.weights.hf import checkpoint_tensors
-from services.weights.stream import recyclable_blob
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,7 @@ def publish_policy(
     tensors = checkpoint_tensors(model, state_dict if state_dict is not None else model.state_dict())
     published_dtype = dtype if dtype is not None else next(model.parameters()).dtype
     weight_version = write_weights_version(tensors, weights_root, version, learner_step=learner_step,
-                                           write_config=_config_writer(model, processor, published_dtype),
-                                           recycle=recyclable_blob(weights_root, keep_versions))
+                                           write_config=_config_writer(model, processor, published_dtype))
     written = time.perf_counter()
     if client is not None:
         announce_weights(client, run_name, weight_version)

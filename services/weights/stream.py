@@ -127,21 +127,17 @@ class HashPipeline:
         self._executor.shutdown(wait=True)
 
 
-def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int, overwrite: bool = False) -> FileDigest:
-    """Write the pieces to the file while a second thread hashes what was just written.
-
-    overwrite: the file exists (a recycled blob) and is written over in place, then cut to the new size.
-    """
+def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int) -> FileDigest:
+    """Write the pieces to a new file while a second thread hashes what was just written."""
     pipeline, size = HashPipeline(chunk_bytes), 0
     try:
-        with path.open("r+b" if overwrite else "xb", buffering=0) as handle:
+        with path.open("xb", buffering=0) as handle:
             for piece in pieces:
                 for start in range(0, len(piece), PIECE_BYTES):
                     part = piece[start:start + PIECE_BYTES]
                     handle.write(part)
                     pipeline.submit(part)
                     size += len(part)
-            handle.truncate(size)
     finally:
         digests = pipeline.finish()
     return FileDigest(size=size, chunks=digests)
@@ -150,7 +146,6 @@ def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int, ov
 def write_weights_version(
     tensors: Mapping[str, torch.Tensor], root: Path, version: int, *, learner_step: int = 0,
     write_config: Callable[[Path], None] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    recycle: Path | None = None,
 ) -> WeightVersion:
     """Write tensors as <root>/v<version>/model.safetensors in one hashed pass, with its manifest, atomically.
 
@@ -158,10 +153,6 @@ def write_weights_version(
     processor files) into the folder first; the model config files among them are hashed too. The folder
     appears under its final name only once every byte and the manifest are written (an atomic rename), and
     its files are made read-only. Returns the WeightVersion to announce.
-
-    recycle: the blob of a version nobody holds any more (``recyclable_blob``), moved here and written over in
-    place: on a tmpfs its pages are already allocated, so the bytes are copied at memory speed instead of
-    being faulted in and zeroed page by page (about half of a fresh write's time).
     """
     target = version_folder(root, version)
     staging = target.with_name(target.name + ".tmp")
@@ -173,11 +164,7 @@ def write_weights_version(
              for name in MODEL_CONFIG_FILES if (staging / name).is_file()}
     # One tensor at a time reaches host memory (a snapshot on the GPU is never copied to the host whole).
     blob_pieces = itertools.chain([memoryview(safetensors_header(tensors))], map(_raw_bytes, tensors.values()))
-    if recycle is not None:
-        os.replace(recycle, staging / SAFETENSORS_NAME)
-        (staging / SAFETENSORS_NAME).chmod(0o644)
-    files[SAFETENSORS_NAME] = _write_hashed(staging / SAFETENSORS_NAME, blob_pieces, chunk_bytes,
-                                            overwrite=recycle is not None)
+    files[SAFETENSORS_NAME] = _write_hashed(staging / SAFETENSORS_NAME, blob_pieces, chunk_bytes)
     manifest = WeightManifest(chunk_bytes=chunk_bytes, files=files)
     raw = manifest.to_bytes()
     (staging / MANIFEST_NAME).write_bytes(raw)
@@ -188,18 +175,6 @@ def write_weights_version(
     os.replace(staging, target)  # readers never see a half-written version folder
     return WeightVersion(version=version, uri=str(target), manifest_blake3=manifest_digest(raw),
                          num_bytes=manifest.num_bytes, learner_step=learner_step)
-
-
-def recyclable_blob(root: Path, keep: int) -> Path | None:
-    """The blob of the oldest version that the next prune (keeping `keep`, the new one included) removes,
-    when no other name links to it (no worker holds it): its pages can take the next version's bytes."""
-    versions = sorted(path for path in Path(root).glob("v*") if path.is_dir() and path.name[1:].isdigit())
-    for folder in versions[:max(len(versions) + 1 - keep, 0)]:
-        blob = folder / SAFETENSORS_NAME
-        with contextlib.suppress(FileNotFoundError):
-            if blob.stat().st_nlink == 1:
-                return blob
-    return None
 
 
 def read_manifest(weight_version: WeightVersion, folder: Path | None = None) -> WeightManifest:

@@ -26,7 +26,6 @@ from services.weights import (
     write_weights_version,
 )
 from services.weights.hf import checkpoint_destination
-from services.weights.stream import recyclable_blob
 
 CHUNK = 64  # bytes: small chunks, so a test version spans many of them
 
@@ -207,23 +206,6 @@ def test_published_policy_matches_save_pretrained_and_loads_in_place(tmp_path: P
     assert missing == []
     assert all(torch.equal(a.to(torch.bfloat16), b)
                for a, b in zip(model.state_dict().values(), worker_model.state_dict().values(), strict=True))
-
-
-def test_the_blob_of_a_version_nobody_holds_takes_the_next_version(tmp_path: Path) -> None:
-    root = tmp_path / "weights"
-    v1, v2 = write(root, 1, 1.0), write(root, 2, 2.0)
-    held = tmp_path / "worker-link"
-    os.link(Path(v2.uri) / "model.safetensors", held)  # a worker runs v2
-    assert recyclable_blob(root, keep=2) == Path(v1.uri) / "model.safetensors"  # v1 goes at the next prune
-    inode = (Path(v1.uri) / "model.safetensors").stat().st_ino
-    v3 = write_weights_version(tensors(3.0), root, 3, chunk_bytes=CHUNK, recycle=recyclable_blob(root, keep=2))
-    assert (Path(v3.uri) / "model.safetensors").stat().st_ino == inode  # the same pages, written over
-    assert torch.equal(dict(verified_tensors(v3))["generator"], torch.full((8, 8), 3.0))
-    assert torch.equal(dict(verified_tensors(v2))["generator"], torch.full((8, 8), 2.0))  # untouched
-    assert recyclable_blob(root, keep=2) is None  # v1's blob is gone, and a worker holds v2's
-    smaller = write_weights_version({"only": torch.ones(2)}, root, 4, chunk_bytes=CHUNK,
-                                    recycle=Path(v3.uri) / "model.safetensors")
-    assert load_file(str(Path(smaller.uri) / "model.safetensors"))["only"].tolist() == [1.0, 1.0]  # cut to size
 
 
 def test_folders_of_dead_workers_are_removed_so_their_links_free_the_memory(tmp_path: Path, redis_settings) -> None:
