@@ -186,3 +186,38 @@ def test_a_ray_train_worker_group_takes_the_same_steps_as_one_process(
         assert torch.allclose(value, state[name], rtol=1e-5, atol=1e-6), name
     assert sum(not torch.equal(base[name], state[name]) for name in state) > len(state) // 2  # both moved
     single.close()
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_one_process_from_its_distributed_checkpoint(
+    tmp_path: Path, redis_server, redis_settings, ray_head: RayHead
+) -> None:
+    model_dir, dataset, groups = prepare_recorded_run(tmp_path / "recorded", num_tasks=4)
+    put_groups(redis_settings, groups)
+    overrides = job_overrides(redis_settings, "sharded-resume", model_dir, dataset, tmp_path / "sharded")
+    job_id, _ = submit(ray_head, {**overrides, "learner.num_workers": 2, "learner.ray_num_cpus": 0.5,
+                                  "learner.max_steps": 1})
+    logs = ray_head.ray("job", "logs", "--address", ray_head.address, job_id, timeout_s=60).stdout
+    assert '"steps": 1' in logs, logs[-4000:]
+    checkpoint = tmp_path / "sharded" / "checkpoints" / "step-00000001"
+    assert (checkpoint / "distributed" / ".metadata").is_file() and (checkpoint / "model.safetensors").is_file()
+
+    def in_process(run_name: str, run_dir: Path) -> dict[str, object]:
+        return {**overrides, "run_name": run_name, "learner.run_dir": run_dir, "learner.use_ray": False}
+
+    resumed_settings = load_settings(overrides=[f"{key}={value}" for key, value in in_process(
+        "sharded-resume", tmp_path / "sharded").items()], environ={})
+    resumed = Trainer(resumed_settings, resume=True)  # one process, no torch.distributed: DCP loads the shards
+    assert resumed.state.step == 1
+    assert resumed.run()["steps"] == 2
+    resumed_state = resumed.policy.state_dict()
+    resumed.close()
+
+    redis_server.client().flushdb()
+    put_groups(redis_settings, groups)
+    straight = Trainer(load_settings(overrides=[f"{key}={value}" for key, value in in_process(
+        "straight", tmp_path / "straight").items()], environ={}))
+    assert straight.run()["steps"] == 2
+    for name, value in straight.policy.state_dict().items():  # rank sums in another order: equal up to rounding
+        assert torch.allclose(resumed_state[name], value, rtol=1e-5, atol=1e-6), name
+    straight.close()
