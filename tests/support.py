@@ -162,3 +162,29 @@ def stall_a_request(server, body: bytes) -> socket.socket:
     )
     wait_until(lambda: inflight(server) == 1)
     return stalled
+
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the reward server's production defaults: the heaviest batch a client may send
+MAX_BATCH_ITEMS = 1024
+
+
+def heavy_item(filler_chars: int) -> dict:
+    """One of the slowest items the server accepts. The regex backtracks exponentially over the 16 leading
+    a's (about 10 ms, inside a format timeout of 0.25 s, so it is scored, not refused), and the long run of
+    numbers sends the number checker through its Python scan of the whole completion."""
+    return {
+        "completion_text": "a" * 16 + "!" + " 1" * (filler_chars // 2),
+        "answer": "3",
+        "answer_type": "number",
+        "required_format": "^(a|a)*$",
+        "visual_tokens_kept": 1,
+        "visual_tokens_total": 2,
+    }
+
+
+def heavy_body(items: int = MAX_BATCH_ITEMS, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """A batch of `items` heavy items whose completions fill the body limit (within 2%)."""
+    overhead = len(json.dumps({"items": [heavy_item(0)] * items}))
+    body = json.dumps({"items": [heavy_item(int((max_bytes * 0.98 - overhead) / items))] * items}).encode()
+    assert max_bytes * 0.96 < len(body) <= max_bytes, len(body)
+    return body

