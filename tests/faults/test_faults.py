@@ -10,10 +10,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +25,7 @@ from fault_harness import FaultLoop
 from PIL import Image
 from support import heavy_body
 
+from rollout_worker.weights import worker_folder_prefix
 from services.processes import free_port
 from services.schemas import WeightVersion
 from services.weights import announce_weights, latest_weight_version, publish_weights_folder
@@ -283,6 +287,55 @@ def test_five_learner_restarts_mid_run_dead_letter_no_valid_group(fault_loop, fa
     audit(loop, fault_table, f"kill -9 learner {RESTARTS} times mid-run, --resume each time", max(recover_s),
           f"{RESTARTS} restarts (recover_s: the slowest)")
     assert loop.queue(loop.settings.queues.trajectories_stream).dead_letters() == []  # no group as poison or stale
+
+
+@pytest.fixture()
+def shm_root() -> Iterator[Path]:
+    """A weights root on /dev/shm, removed after the test (request it before fault_loop: it outlives the loop)."""
+    root = Path(tempfile.mkdtemp(prefix="sf-faults-", dir="/dev/shm"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def freeze_mid_load(loop: FaultLoop, name: str, root: Path, timeout_s: float) -> int:
+    """SIGSTOP the worker the moment it starts loading a new version in place (its hard-link folder for the
+    version appears in the weights root); returns the version. A freeze that came after the load finished
+    (its "loaded weights" line is in the log) is undone and the next version is tried."""
+    pid = loop.running[name].process.pid
+    tried: set[str] = {folder.name for folder in root.glob(f"{worker_folder_prefix()}{pid}.*/v*")}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for folder in root.glob(f"{worker_folder_prefix()}{pid}.*/v*"):
+            if folder.name in tried:
+                continue
+            loop.signal(name, signal.SIGSTOP)
+            version = int(folder.name.removeprefix("v"))
+            if not re.search(rf"loaded weights .*\bversion={version}\b", loop.log(name)):
+                return version
+            loop.signal(name, signal.SIGCONT)
+            tried.add(folder.name)
+        time.sleep(0.001)
+    raise TimeoutError(f"the worker was not caught loading a version within {timeout_s:.0f}s")
+
+
+def test_a_worker_killed_while_it_loads_a_version_from_shared_memory_is_replaced(
+    shm_root, fault_loop, fault_table
+) -> None:
+    loop = fault_loop("shm-load", tasks=16, settings={"learner": {"weights_root": str(shm_root)}})
+    loop.start()
+    loop.wait_for(lambda: loop.worker_metric("sf_policy_version", {"service": "rollout_worker"}) >= 1, STARTUP_S,
+                  "the worker on weights v1")
+    pid = loop.running["rollout_worker"].process.pid
+    version = freeze_mid_load(loop, "rollout_worker", shm_root, 120)
+    killed_at = loop.kill("rollout_worker")
+    dead_links = list(shm_root.glob(f"{worker_folder_prefix()}{pid}.*"))
+    assert dead_links, "the killed worker's hard-link folder"  # it pins versions in tmpfs memory until removed
+    loop.start_worker("rollout_worker_2")
+    loop.wait_for(lambda: loop.groups_published() >= 1, 180, "a group from the new worker")
+    recover_s = time.time() - killed_at
+    assert not any(folder.exists() for folder in dead_links)  # the new worker removed the dead one's links
+    audit(loop, fault_table, "kill -9 rollout worker while it loads a version from /dev/shm", recover_s,
+          f"killed mid-load of v{version}; the new worker removed its hard links")
 
 
 PROBE_TIMEOUT_S = 2.0
