@@ -41,7 +41,7 @@ def _config_writer(model: torch.nn.Module, processor: Any, dtype: torch.dtype) -
     """Writes config.json (with the published dtype), generation_config.json and the processor files."""
     config = copy.deepcopy(model.config)  # the live model's config is left as it is
     config.dtype = str(dtype).removeprefix("torch.")
-    config.architectures = [type(model).__name__]
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
 
     def write(folder: Path) -> None:
         config.save_pretrained(folder)
@@ -69,7 +69,7 @@ def publish_policy(
     if state_dict is None and dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         state_dict = weights_snapshot(model, dtype)
     tensors = checkpoint_tensors(model, state_dict if state_dict is not None else model.state_dict())
-    published_dtype = dtype if dtype is not None else next(model.parameters()).dtype
+    published_dtype = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     weight_version = write_weights_version(tensors, weights_root, version, learner_step=learner_step,
                                            write_config=_config_writer(model, processor, published_dtype))
     written = time.perf_counter()
