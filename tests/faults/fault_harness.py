@@ -150,7 +150,8 @@ class FaultLoop:
         self.supervisor = Supervisor(self.workdir / "logs")
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("SF_")}
         self.env.update({"SF_REDIS__PASSWORD": self.redis_password, "SF_REWARD_SERVER__AUTH_TOKEN": self.reward_token,
-                         "PYTHONUNBUFFERED": "1"})
+                         "PYTHONUNBUFFERED": "1",
+                         "RAY_ADDRESS": "local"})  # a Ray learner starts its own Ray, never joins another's
         self.run_dir = Path(self.settings.learner.run_dir)
         self.trimmed = 0  # dead letters trimmed by the bound, as the learner counted them (a scenario reads it)
 
@@ -183,8 +184,10 @@ class FaultLoop:
         return self._start(name, "rollout_worker", "--set", f"telemetry.metrics_port={self.ports['worker_metrics']}")
 
     def start_learner(self, resume: bool = False) -> Service:
-        """`python -m learner.train --no-ray` (with --resume to continue from the run's checkpoint)."""
-        return self._start("learner", "learner.train", "--no-ray", *(["--resume"] if resume else []))
+        """`python -m learner.train` (with --resume to continue from the run's checkpoint): in this process
+        (--no-ray), or as learner.num_workers Ray Train ranks on a Ray of its own when learner.use_ray is set."""
+        flags = [*([] if self.settings.learner.use_ray else ["--no-ray"]), *(["--resume"] if resume else [])]
+        return self._start("learner", "learner.train", *flags)
 
     def kill(self, name: str) -> float:
         """kill -9 a service's whole process group (the process and e.g. vLLM's engine core), as a crash or a

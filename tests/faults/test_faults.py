@@ -338,6 +338,55 @@ def test_a_worker_killed_while_it_loads_a_version_from_shared_memory_is_replaced
           f"killed mid-load of v{version}; the new worker removed its hard links")
 
 
+def descendants(root_pid: int) -> list[int]:
+    """Every live process below root_pid (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def ray_train_ranks(root_pid: int) -> list[int]:
+    """Pids of the Ray Train worker processes (one per rank) that the learner's own Ray runs."""
+    ranks = []
+    for pid in descendants(root_pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks
+
+
+def test_one_rank_of_a_two_rank_learner_killed_mid_step_then_resumed(fault_loop, fault_table) -> None:
+    loop = fault_loop("two-ranks", settings={"learner": {"use_ray": True, "num_workers": 2, "ray_num_cpus": 0.5}})
+    loop.start()
+    loop.wait_for(lambda: len(loop.steps()) >= 3, STARTUP_S, "learner step 3 (a checkpoint at step 2)")
+    learner = loop.running["learner"]
+    ranks = ray_train_ranks(learner.process.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGKILL)  # one rank, in step 4: step 3 is trained but not checkpointed
+    killed_at = time.time()
+    returncode = learner.process.wait(timeout=180)  # the run fails as a whole: Ray Train ends the other rank
+    assert returncode != 0, "a run that lost a rank must not end as if it had finished"
+    loop.supervisor.stop(loop.running.pop("learner"))
+    loop.start_learner(resume=True)  # two ranks again, from the sharded checkpoint
+    loop.wait_for(lambda: loop.steps_after(killed_at), 300, "a step of the resumed two-rank learner")
+    audit(loop, fault_table, "kill -9 one rank of a 2-rank learner mid-step, --resume", time.time() - killed_at,
+          f"rank pid {ranks[-1]} killed; the run stopped (exit {returncode}) and resumed on 2 ranks")
+    rolled_back = (loop.run_dir / "metrics.rolled-back.jsonl").read_text().splitlines()
+    assert 3 in [json.loads(line)["step"] for line in rolled_back]  # step 3 was redone from the checkpoint
+
+
 PROBE_TIMEOUT_S = 2.0
 
 
