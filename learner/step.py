@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, r
 from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
 from learner.sharding import collective_device, grad_norm_value, sum_gradients
 from services.modeling.batched_forward import (
+    BatchPlan,
     RowSpec,
     batched_completion_logprobs,
     plan_batch,
@@ -74,6 +77,9 @@ class StepConfig:
     scorer: VisualTokenScorer | None = None  # the workers' scorer, run with autograd for the kept-mass term
     compute_dtype: torch.dtype | None = None  # autocast dtype over higher-precision (master) weights; None: off
     forward: Literal["batched", "per_rollout"] = "batched"  # per_rollout: the baseline, one rollout at a time
+    # Run the frozen reference's passes on a second thread while this one runs the policy's (batched forward):
+    # on a CPU with a core to spare they overlap; on a GPU both queue on one stream, so there is nothing to gain.
+    reference_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.kept_mass_weight < 0:
@@ -213,23 +219,49 @@ def _chunk_inputs(
 def _chunk_features(
     policy: torch.nn.Module, reference: torch.nn.Module | None, chunk: _Chunk, config: StepConfig
 ) -> None:
-    """Run each vision tower once over the chunk's images (the policy's with grad when the rows read them)."""
+    """Run each vision tower once over the chunk's images (the policy's with grad when the rows read them; the
+    reference's here unless its passes run on the overlap thread)."""
     if config.forward == "per_rollout":  # rows run their own vision passes; the kept-set term reads these
         with torch.no_grad():
             chunk.policy_leaf = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
         return
     chunk.policy_features = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
     chunk.policy_leaf = chunk.policy_features.detach().requires_grad_(True)
-    if reference is not None and config.loss.beta > 0:
+    if reference is not None and config.loss.beta > 0 and not config.reference_overlap:
         with torch.no_grad():
             chunk.reference_features = image_features(reference, chunk.pixel_values, chunk.image_grid_thw)
 
 
+def _row_specs(rows: Sequence[_Row]) -> list[RowSpec]:
+    """What plan_batch needs of each row."""
+    return [RowSpec(row.rollout.prompt_token_ids, row.rollout.completion_token_ids, row.rollout.kept_indices,
+                    row.image) for row in rows]
+
+
+def _reference_passes(
+    pool: ThreadPoolExecutor, reference: torch.nn.Module, chunk: _Chunk, plans: Sequence[BatchPlan], autocast: Any,
+) -> list[Future[Tensor]]:
+    """The reference's vision pass and its log-probs for each planned micro-batch, queued in order on `pool`'s
+    one thread. Grad mode and autocast are per thread, so each task sets its own."""
+    def features() -> Tensor:
+        with torch.no_grad(), autocast():
+            return image_features(reference, chunk.pixel_values, chunk.image_grid_thw)
+
+    features_done = pool.submit(features)
+
+    def logprobs(plan: BatchPlan) -> Tensor:
+        with torch.no_grad(), autocast():
+            return batched_completion_logprobs(reference, plan, features_done.result())
+
+    return [pool.submit(logprobs, plan) for plan in plans]
+
+
 def _micro_batch_logprobs(
     policy: torch.nn.Module, reference: torch.nn.Module | None, rows: Sequence[_Row], chunk: _Chunk,
-    config: StepConfig,
+    config: StepConfig, plan: BatchPlan | None = None, reference_done: Future[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(B, C) policy log-probs with grad, the (B, C) mask and the reference's log-probs (or None)."""
+    """(B, C) policy log-probs with grad, the (B, C) mask and the reference's log-probs (or None); `plan` and
+    `reference_done` when the micro-batch was planned ahead and its reference pass runs on the overlap thread."""
     device = chunk.pixel_values.device
     use_reference = reference is not None and config.loss.beta > 0
     if config.forward == "per_rollout":
@@ -240,12 +272,13 @@ def _micro_batch_logprobs(
                 ref, _ = pad_rows([rollout_logprobs(reference, row.rollout, row.pixels) for row in rows],
                                   logprobs.shape[1])
         return logprobs, mask.to(device), ref
-    specs = [RowSpec(row.rollout.prompt_token_ids, row.rollout.completion_token_ids, row.rollout.kept_indices,
-                     row.image) for row in rows]
-    plan = plan_batch(policy, specs, chunk.grids_cpu).to(device)
+    if plan is None:
+        plan = plan_batch(policy, _row_specs(rows), chunk.grids_cpu).to(device)
     logprobs = batched_completion_logprobs(policy, plan, chunk.policy_leaf)
     ref = None
-    if use_reference:
+    if reference_done is not None:
+        ref = reference_done.result()
+    elif use_reference:
         with torch.no_grad():
             ref = batched_completion_logprobs(reference, plan, chunk.reference_features)
     return logprobs, plan.completion_mask, ref
@@ -392,46 +425,68 @@ def grpo_step(
     total_tokens = float(lengths.sum())
     kept_groups = len({row.group for row in rows})
     device = next(policy.parameters()).device
-    autocast = _autocast(device, config.compute_dtype, next(policy.parameters()).dtype)
-    use_mass = config.kept_mass_weight > 0 and config.scorer is not None
     totals = _Totals.zeros(device, ("kept_mass_loss", "kept_share") if config.kept_mass_weight > 0 else ())
     plans = _plan_chunks(rows, groups, advantages, keep, config, image_token_id(policy))
+    overlap = config.reference_overlap and config.forward == "batched" and reference is not None \
+        and config.loss.beta > 0
     optimizer.zero_grad(set_to_none=True)
-    for plan, micro_count, mass_count in _rank_slots(plans, rank, world_size):
-        chunk = _chunk_inputs(policy, plan.rows, plan.groups, device)
-        with autocast:
-            if config.forward == "batched" or use_mass:
-                _chunk_features(policy, reference, chunk, config)
-            for indices in [] if plan.filler else plan.micro_batches:
-                batch = [plan.rows[i] for i in indices]
-                tokens = sum(len(row.rollout.completion_token_ids) for row in batch)
-                logprobs, mask, ref_lp = _micro_batch_logprobs(policy, reference, batch, chunk, config)
-                width = logprobs.shape[1]
-                recorded, _ = pad_rows([torch.tensor(row.rollout.completion_logprobs, dtype=torch.float32)
-                                        for row in batch], width)
-                rollout_lp = recorded.to(device, non_blocking=True)
-                recompute = config.old_logprobs == "recompute"
-                # With one update per batch, the trainer's own pre-update log-probs are its current ones,
-                # detached (TRL/verl with num_iterations=1); TIS then corrects for the engine/staleness gap.
-                result = grpo_loss(
-                    logprobs, logprobs.detach() if recompute else rollout_lp,
-                    advantages[[row.index for row in batch]].to(device), mask, config.loss, ref_logprobs=ref_lp,
-                    rollout_logprobs=rollout_lp if recompute else None,
-                    row_weights=torch.tensor([weight_of[row.index] for row in batch]).to(device),
-                )
-                result.loss.backward()
-                totals.add(result, tokens / max(total_tokens, 1.0))
-            for _ in range(micro_count - (0 if plan.filler else len(plan.micro_batches))):
-                _filler_micro_batch(policy, plan, chunk)
-            if use_mass:
-                _kept_mass_terms(policy, groups, plan, chunk, advantages, keep, config, kept_groups, totals, mass_count)
-        if chunk.policy_features is not None and (world_size > 1 or chunk.policy_leaf.grad is not None):
-            leaf_grad = chunk.policy_leaf.grad  # sharded: every rank runs this backward (a collective), zeros or not
-            chunk.policy_features.backward(leaf_grad if leaf_grad is not None else torch.zeros_like(chunk.policy_leaf))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference") if overlap else contextlib.nullcontext() as pool:
+        for plan, micro_count, mass_count in _rank_slots(plans, rank, world_size):
+            _chunk_step(policy, reference, groups, plan, micro_count, mass_count, advantages, keep, weight_of,
+                        total_tokens, kept_groups, totals, config, device, pool, world_size)
     return _finish_step(policy, optimizer, scheduler, config, totals, world_size, advantages, {
         "zero_variance_groups": float(zero_variance), "rows": float(len(rows)), "tokens": total_tokens,
         "groups": float(len(groups)),
     })
+
+
+def _chunk_step(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, groups: Sequence[TrajectoryGroup], plan: _ChunkPlan,
+    micro_count: int, mass_count: int, advantages: Tensor, keep: Tensor, weight_of: dict[int, float],
+    total_tokens: float, kept_groups: int, totals: _Totals, config: StepConfig, device: torch.device,
+    pool: ThreadPoolExecutor | None, world_size: int,
+) -> None:
+    """One vision chunk's forward passes and backwards, accumulating gradients and metrics."""
+    autocast = functools.partial(_autocast, device, config.compute_dtype, next(policy.parameters()).dtype)
+    use_mass = config.kept_mass_weight > 0 and config.scorer is not None
+    chunk = _chunk_inputs(policy, plan.rows, plan.groups, device)
+    micro_batches = [] if plan.filler else plan.micro_batches
+    batch_plans: list[BatchPlan | None] = [None] * len(micro_batches)
+    reference_done: list[Future[Tensor] | None] = [None] * len(micro_batches)
+    if pool is not None and reference is not None:  # planned up front, so the reference can run ahead
+        batch_plans = [plan_batch(policy, _row_specs([plan.rows[i] for i in indices]), chunk.grids_cpu).to(device)
+                       for indices in micro_batches]
+        reference_done = _reference_passes(pool, reference, chunk, batch_plans, autocast)
+    with autocast():
+        if config.forward == "batched" or use_mass:
+            _chunk_features(policy, reference, chunk, config)
+        for indices, batch_plan, ref_done in zip(micro_batches, batch_plans, reference_done, strict=True):
+            batch = [plan.rows[i] for i in indices]
+            tokens = sum(len(row.rollout.completion_token_ids) for row in batch)
+            logprobs, mask, ref_lp = _micro_batch_logprobs(policy, reference, batch, chunk, config, batch_plan,
+                                                           ref_done)
+            width = logprobs.shape[1]
+            recorded, _ = pad_rows([torch.tensor(row.rollout.completion_logprobs, dtype=torch.float32)
+                                    for row in batch], width)
+            rollout_lp = recorded.to(device, non_blocking=True)
+            recompute = config.old_logprobs == "recompute"
+            # With one update per batch, the trainer's own pre-update log-probs are its current ones,
+            # detached (TRL/verl with num_iterations=1); TIS then corrects for the engine/staleness gap.
+            result = grpo_loss(
+                logprobs, logprobs.detach() if recompute else rollout_lp,
+                advantages[[row.index for row in batch]].to(device), mask, config.loss, ref_logprobs=ref_lp,
+                rollout_logprobs=rollout_lp if recompute else None,
+                row_weights=torch.tensor([weight_of[row.index] for row in batch]).to(device),
+            )
+            result.loss.backward()
+            totals.add(result, tokens / max(total_tokens, 1.0))
+        for _ in range(micro_count - (0 if plan.filler else len(plan.micro_batches))):
+            _filler_micro_batch(policy, plan, chunk)
+        if use_mass:
+            _kept_mass_terms(policy, groups, plan, chunk, advantages, keep, config, kept_groups, totals, mass_count)
+    if chunk.policy_features is not None and (world_size > 1 or chunk.policy_leaf.grad is not None):
+        leaf_grad = chunk.policy_leaf.grad  # sharded: every rank runs this backward (a collective), zeros or not
+        chunk.policy_features.backward(leaf_grad if leaf_grad is not None else torch.zeros_like(chunk.policy_leaf))
 
 
 def _filler_micro_batch(policy: torch.nn.Module, plan: _ChunkPlan, chunk: _Chunk) -> None:

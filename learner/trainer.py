@@ -87,6 +87,7 @@ def step_config(settings: Settings) -> StepConfig:
         old_logprobs=cfg.old_logprobs, kept_mass_weight=cfg.kept_mass_weight,
         scorer=build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer),
         compute_dtype=getattr(torch, cfg.dtype),
+        reference_overlap=(cfg.device == "cpu") if cfg.reference_overlap is None else cfg.reference_overlap,
     )
 
 

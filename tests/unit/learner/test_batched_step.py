@@ -186,3 +186,26 @@ def test_kept_set_term_of_dense_groups_is_skipped_with_the_same_metrics(recorded
     assert metrics["loss"] == without["loss"] and metrics["grad_norm"] == without["grad_norm"]
     for name, change in update.items():
         torch.testing.assert_close(change, update_without[name], atol=0, rtol=0, msg=name)
+
+
+def test_reference_passes_on_the_overlap_thread_give_the_same_step(recorded: tuple) -> None:
+    model, groups, pixels = recorded
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # a reference unlike the policy, so the KL term and its gradient are not zero
+        for parameter in reference.model.language_model.layers[-1].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    results = {}
+    for overlap in (False, True):
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+        config = StepConfig(loss=LossConfig(beta=0.04), micro_batch_groups=2, micro_batch_tokens=300,
+                            grad_clip=1e9, reference_overlap=overlap)
+        metrics = grpo_step(policy, reference, optimizer, scheduler, groups, pixels, config)
+        results[overlap] = metrics, dict(policy.named_parameters())
+    (plain, plain_params), (overlapped, overlapped_params) = results[False], results[True]
+    assert plain["kl_penalty"] > 1e-6
+    for name in ("loss", "policy_loss", "kl_penalty", "kl_mean", "grad_norm"):
+        assert overlapped[name] == plain[name], name
+    for name, parameter in plain_params.items():
+        assert torch.equal(overlapped_params[name], parameter), name
