@@ -227,6 +227,7 @@ def test_feeder_fills_to_its_bound_and_a_restarted_feeder_enqueues_nothing_twice
     assert TaskFeeder(tasks, epochs=1, seed=0, run_id="run-b").fill(queue, target=100) == 8  # a new run
 
 
+@pytest.mark.heavy  # two learner subprocesses, ~15 s: the inner loop covers the same resume in process
 def test_the_entrypoint_trains_then_resumes_from_its_checkpoint(tmp_path: Path, redis_settings, recorded) -> None:
     model_dir, dataset, groups = recorded
     settings = make_settings(redis_settings, tmp_path / "cli", recorded)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 from support import MAX_BATCH_ITEMS, MAX_BODY_BYTES, heavy_body, inflight, stall_a_request, wait_until
 
 SMALL_BATCH = {
@@ -75,6 +76,7 @@ PROBE_GAP_S = 0.03
 PROBE_TIMEOUT_S = 2.0  # a probe this late fails the test already; waiting longer would only slow it down
 
 
+@pytest.mark.heavy  # a load test: ~10 s of the heaviest batches
 def test_healthz_answers_fast_while_the_heaviest_batches_are_scored(start_reward_server: Callable) -> None:
     # Format timeout above the default so the heavy item's ~10 ms regex stays far from it on a busy machine:
     # a regex refused at item 0 would end the batch early and hide the load this test exists to make.
