@@ -155,7 +155,7 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     """Write the model and the optimizer's tensors as a DCP checkpoint in `folder` (every rank writes its shards;
     a collective). Returns the optimizer's param_groups (plain values) for the caller's pickle-free file."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    # Tensors only: DCP would pickle any other value (and unpickle it on load with weights_only=False).
+    # Tensors only: DCP would pickle any other value (and unpickle it on load with the full unpickler).
     dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, storage_writer=dcp.FileSystemWriter(folder))
     return optimizer_state["param_groups"]
 
