@@ -134,13 +134,6 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def _reset_caches(llm: Any) -> None:
-    # Each timed run must redo vision tower and prefill: no KV blocks or embeddings from earlier runs.
-    llm.reset_prefix_cache()
-    llm.reset_mm_cache()
-    llm.llm_engine.reset_encoder_cache()
-
-
 class ModelEvaluator:
     """One model loaded twice over (HF scorer + vLLM engine), evaluated on every budget."""
 
@@ -226,6 +219,7 @@ class ModelEvaluator:
         """One budget's batch run max_tokens=1 then full length, `repeats` times, on cold caches (module doc)."""
         from vllm import SamplingParams
 
+        from rollout_worker.vllm_engine import reset_engine_caches
         from services.modeling import build_prompt
         from services.rollout.pruned import engine_request
         from services.sparsity.budgets import Selection
@@ -241,7 +235,7 @@ class ModelEvaluator:
             # ignore_eos: every request decodes exactly max_tokens, so the decode rate is measured over
             # a fixed, known length (greedy answers are often one or two tokens long).
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            _reset_caches(self.llm)
+            reset_engine_caches(self.llm)  # each timed run redoes vision tower and prefill
             started = time.perf_counter()
             outputs = self.llm.generate(requests, params, use_tqdm=False)
             walls[max_tokens].append(time.perf_counter() - started)

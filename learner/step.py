@@ -220,14 +220,14 @@ def _chunk_features(
     policy: torch.nn.Module, reference: torch.nn.Module | None, chunk: _Chunk, config: StepConfig
 ) -> None:
     """Run each vision tower once over the chunk's images (the policy's with grad when the rows read them; the
-    reference's here unless its passes run on the overlap thread)."""
+    reference's when it is given: None when its passes run on the overlap thread)."""
     if config.forward == "per_rollout":  # rows run their own vision passes; the kept-set term reads these
         with torch.no_grad():
             chunk.policy_leaf = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
         return
     chunk.policy_features = image_features(policy, chunk.pixel_values, chunk.image_grid_thw)
     chunk.policy_leaf = chunk.policy_features.detach().requires_grad_(True)
-    if reference is not None and config.loss.beta > 0 and not config.reference_overlap:
+    if reference is not None and config.loss.beta > 0:
         with torch.no_grad():
             chunk.reference_features = image_features(reference, chunk.pixel_values, chunk.image_grid_thw)
 
@@ -453,13 +453,13 @@ def _chunk_step(
     micro_batches = [] if plan.filler else plan.micro_batches
     batch_plans: list[BatchPlan | None] = [None] * len(micro_batches)
     reference_done: list[Future[Tensor] | None] = [None] * len(micro_batches)
-    if pool is not None and reference is not None:  # planned up front, so the reference can run ahead
+    if pool is not None:  # planned up front, so the reference can run ahead
         batch_plans = [plan_batch(policy, _row_specs([plan.rows[i] for i in indices]), chunk.grids_cpu).to(device)
                        for indices in micro_batches]
         reference_done = _reference_passes(pool, reference, chunk, batch_plans, autocast)
     with autocast():
         if config.forward == "batched" or use_mass:
-            _chunk_features(policy, reference, chunk, config)
+            _chunk_features(policy, reference if pool is None else None, chunk, config)
         for indices, batch_plan, ref_done in zip(micro_batches, batch_plans, reference_done, strict=True):
             batch = [plan.rows[i] for i in indices]
             tokens = sum(len(row.rollout.completion_token_ids) for row in batch)

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +66,13 @@ def build_llm(model_path: Path, settings: Settings):
     )
 
 
+def reset_engine_caches(llm: Any) -> None:
+    """Drop vLLM's prefix KV blocks, multimodal cache and encoder outputs (and the scheduler's record of them)."""
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
 class VllmRolloutEngine:
     """Scores with the HF model, generates in vLLM; both reload together when weights change."""
 
@@ -111,9 +119,7 @@ class VllmRolloutEngine:
         # reload_weights clears the workers' encoder cache but neither the scheduler's record of it (the
         # next request for a cached image then fails with "Encoder cache miss") nor the prefix cache, whose
         # KV blocks were computed by the old weights. Reset all three caches together.
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_mm_cache()
-        self.llm.reset_prefix_cache()
+        reset_engine_caches(self.llm)
         # Weight folders hold the model alone; the processor (tokenizer, image config) never changes.
         self.model = type(self.model).from_pretrained(folder, dtype=self.model.dtype).eval()
         log.info("engine weights reloaded", extra={"folder": str(folder)})
@@ -122,9 +128,7 @@ class VllmRolloutEngine:
         """Load a manifest version in place into vLLM and the HF scorer, each chunk verified as it is read
         (rollout_worker.weights): no folder reload, no new scorer model. Needs vLLM in this process."""
         reload_vllm_verified(self.llm, weight_version)
-        self.llm.llm_engine.reset_encoder_cache()  # the same three caches as load_weights, for the same reasons
-        self.llm.reset_mm_cache()
-        self.llm.reset_prefix_cache()
+        reset_engine_caches(self.llm)  # the same three caches as load_weights, for the same reasons
         load_verified_into(weight_version, checkpoint_destination(self.model))
         log.info("engine weights reloaded in place", extra={"version": weight_version.version})
 
