@@ -55,15 +55,14 @@ def _config_writer(model: torch.nn.Module, processor: Any, dtype: torch.dtype) -
 def publish_policy(
     model: torch.nn.Module, processor: Any, *, weights_root: Path, version: int, learner_step: int,
     client: redis.Redis | None, run_name: str, keep_versions: int = 3, dtype: torch.dtype | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None, staging: Path | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> tuple[WeightVersion, PublishTimings]:
     """Write the model (+ config and processor files, so vLLM loads the folder) as version `version`, announce it.
 
     dtype: what the published tensors are cast to (the checkpoint's own dtype when the learner trains fp32
     master weights for a bf16 checkpoint); None keeps the model's. state_dict: a snapshot to write instead of
     the model's live tensors (``weights_snapshot``), so training can go on while this runs on another thread;
-    its tensors may sit on the GPU (each is brought to host memory as it is written). staging: unused (versions
-    are written in place under weights_root and renamed when complete); accepted so older callers still work.
+    its tensors may sit on the GPU (each is brought to host memory as it is written).
     """
     started = time.perf_counter()
     if state_dict is None and dtype is not None and any(p.dtype != dtype for p in model.parameters()):

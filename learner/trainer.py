@@ -438,7 +438,7 @@ class Trainer:
 
         def write_and_announce() -> WeightVersion:
             weight_version, _timings = publish_policy(
-                self.policy, self.processor, staging=self.run_dir / "publish-staging",
+                self.policy, self.processor,
                 weights_root=self.weights_root, dtype=self.publish_dtype, state_dict=snapshot, version=version,
                 learner_step=step, client=self.client, run_name=self.settings.run_name,
                 keep_versions=self.cfg.keep_weight_versions,
