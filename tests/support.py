@@ -164,6 +164,16 @@ def stall_a_request(server, body: bytes) -> socket.socket:
     return stalled
 
 
+def read_until_closed(connection: socket.socket, timeout_s: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection: headers and body may arrive in separate
+    packets, so one recv is not enough."""
+    connection.settimeout(timeout_s)
+    received = bytearray()
+    while chunk := connection.recv(65_536):
+        received += chunk
+    return bytes(received)
+
+
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the reward server's production defaults: the heaviest batch a client may send
 MAX_BATCH_ITEMS = 1024
 

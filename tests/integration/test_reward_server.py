@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import inflight, stall_a_request, wait_until
+from support import inflight, read_until_closed, stall_a_request, wait_until
 
 from reward_server.client import RewardClient, RewardServerError
 from services.schemas.models import AnswerType, ScoreItem
@@ -359,8 +359,7 @@ def test_slow_bodies_time_out_and_free_their_slot(start_reward_server: Callable)
     server = start_reward_server(max_inflight_requests=1, body_timeout_s=0.5)
     stalled = stall_a_request(server, json.dumps({"items": VALID_ITEMS}).encode())
     try:
-        stalled.settimeout(10)
-        answer = stalled.recv(65_536)
+        answer = read_until_closed(stalled)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"body_timeout" not in answer and b"not received within 0.5s" in answer
     finally:
