@@ -27,10 +27,15 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetItem:
-    """A validated task with its image's absolute path."""
+    """A validated task with the absolute path of its image, or of its video (a frame folder or a file)."""
 
     task: Task
     image_path: Path
+
+    @property
+    def is_video(self) -> bool:
+        """Whether ``image_path`` names a video (``services.data.video.load_video`` reads it)."""
+        return self.task.is_video
 
 
 def _reason(error: ValidationError) -> str:
@@ -61,10 +66,16 @@ def parse_line(text: str, root: Path, check_image: bool = True) -> DatasetItem:
         task = Task.model_validate(raw)
     except ValidationError as error:
         raise ValueError(_reason(error)) from None
-    image_path = resolve_image(root, task.image)
-    if check_image and not image_path.is_file():
-        raise ValueError(f"image={task.image!r} does not exist ({image_path})")
-    return DatasetItem(task=task, image_path=image_path)
+    field = "video" if task.is_video else "image"
+    try:
+        media_path = resolve_image(root, task.media)
+    except ValueError as error:
+        raise ValueError(str(error).replace("image=", f"{field}=", 1)) from None
+    if check_image and task.is_video and not (media_path.is_dir() or media_path.is_file()):
+        raise ValueError(f"video={task.media!r} does not exist ({media_path}); expected a frame folder or a file")
+    if check_image and not task.is_video and not media_path.is_file():
+        raise ValueError(f"image={task.media!r} does not exist ({media_path})")
+    return DatasetItem(task=task, image_path=media_path)
 
 
 def load_dataset(path: str | Path, check_images: bool = True) -> list[DatasetItem]:

@@ -39,12 +39,18 @@ HumanAnswers = list[Annotated[str, Field(min_length=1, max_length=MAX_ANSWER_CHA
 
 
 class Task(BaseModel):
-    """One dataset line: an image, a question about it and the reference answer."""
+    """One dataset line: an image or a video, a question about it and the reference answer."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    image: str = Field(min_length=1, max_length=4_096, description="Image path, relative to the JSONL file.")
+    image: str | None = Field(
+        None, min_length=1, max_length=4_096, description="Image path, relative to the JSONL file."
+    )
+    video: str | None = Field(
+        None, min_length=1, max_length=4_096,
+        description="Video path relative to the JSONL file: a folder of PNG frames or a video file.",
+    )
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
     answer_type: AnswerType
@@ -57,7 +63,19 @@ class Task(BaseModel):
     def _choices_match_type(self) -> Task:
         if self.answer_type is AnswerType.CHOICE and not self.choices:
             raise ValueError("answer_type 'choice' needs a non-empty 'choices' list")
+        if (self.image is None) == (self.video is None):
+            raise ValueError("a task names exactly one of 'image' and 'video'")
         return self
+
+    @property
+    def media(self) -> str:
+        """The path of the task's image or video, relative to its JSONL file."""
+        return self.image if self.image is not None else self.video  # type: ignore[return-value]
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the task carries a video rather than an image."""
+        return self.video is not None
 
 
 class Budget(BaseModel):
