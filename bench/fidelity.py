@@ -103,10 +103,10 @@ def run_logged(command: list[str], log_path: Path, timeout_s: float) -> int:
                 return child.wait()
 
 
-def sf_eval(model: Path, label: str, dataset: Path, out: Path, logs: Path) -> list[dict[str, Any]]:
-    """sf-eval on one model at every budget (no timing runs), with the demo's settings; its rows."""
+def sf_eval(model: Path, label: str, dataset: Path, out: Path, logs: Path, budgets: str = BUDGETS) -> list[dict[str, Any]]:
+    """sf-eval on one model at the given budgets (no timing runs), with the demo's settings; its rows."""
     command = [sys.executable, "-m", "learner.evaluate", "--model", str(model), "--label", label,
-               "--dataset", str(dataset), "--budgets", BUDGETS, "--speed-items", "0", "--out", str(out)]
+               "--dataset", str(dataset), "--budgets", budgets, "--speed-items", "0", "--out", str(out)]
     for config in DEFAULT_CONFIGS:
         command += ["--config", str(config)]
     log = logs / f"eval-{out.name}.log"
