@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import string
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Literal
 
 import regex
@@ -41,17 +42,20 @@ class AnswerSpan:
 _CACHED_MAX_CHARS = 256  # references, choices and short answers repeat across a GRPO group; long text doesn't
 
 
+def cache_short_inputs(normalize: Callable[[str], str]) -> Callable[[str], str]:
+    """Memoise a text normaliser on inputs of at most 256 characters; long completions would only evict them."""
+    cached = lru_cache(maxsize=16_384)(normalize)
+
+    @wraps(normalize)
+    def normalize_maybe_cached(text: str) -> str:
+        return cached(text) if len(text) <= _CACHED_MAX_CHARS else normalize(text)
+
+    return normalize_maybe_cached
+
+
+@cache_short_inputs
 def normalize_text(text: str) -> str:
     """Casefold, turn punctuation/symbols into spaces, drop articles (a/an/the), collapse whitespace."""
-    return _normalize_cached(text) if len(text) <= _CACHED_MAX_CHARS else _normalize(text)
-
-
-@lru_cache(maxsize=16_384)
-def _normalize_cached(text: str) -> str:
-    return _normalize(text)
-
-
-def _normalize(text: str) -> str:
     if text.isascii():  # the common case, an order of magnitude faster than the Unicode path
         text = text.lower().translate(_ASCII_PUNCTUATION)
     else:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from functools import lru_cache
 
 import regex
+
+from reward_server.rewards.text import cache_short_inputs
 
 # The characters vqaEval.py treats as punctuation (a period is handled apart; apostrophes and colons stay).
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
@@ -71,20 +72,9 @@ def _strip_punctuation(text: str) -> str:
     return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
 
 
-_CACHED_MAX_CHARS = 256  # human answers repeat across a GRPO group and an eval; long completions don't
-
-
+@cache_short_inputs  # human answers repeat across a GRPO group and an eval
 def normalize_vqa_answer(text: str) -> str:
     """The VQA evaluation's answer normalisation: case, punctuation, number words, articles, contractions."""
-    return _normalize_cached(text) if len(text) <= _CACHED_MAX_CHARS else _normalize(text)
-
-
-@lru_cache(maxsize=16_384)
-def _normalize_cached(text: str) -> str:
-    return _normalize(text)
-
-
-def _normalize(text: str) -> str:
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
     words = [_NUMBER_WORDS.get(word, word) for word in _strip_punctuation(text).split()]
     return " ".join(_RESTORE_APOSTROPHES.get(word, word) for word in words if word not in _ARTICLES)
