@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from services.data.build import BUNDLED_SPLITS, TASK_FAMILIES, SplitSizes, build_family
+from services.data.build import ALL_FAMILIES, BUNDLED_SPLITS, TASK_FAMILIES, SplitSizes, build_family
 from services.data.digits import DigitGridSpec
 from services.data.scenes import SceneSpec
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     """Generate the bundled task splits."""
     parser = argparse.ArgumentParser(prog="python -m services.data", description=__doc__)
     parser.add_argument("--out", required=True, help="Output folder (one subfolder per family).")
-    parser.add_argument("--family", choices=TASK_FAMILIES, action="append", help="Default: every family.")
+    parser.add_argument("--family", choices=ALL_FAMILIES, action="append",
+                        help="Default: every image family (the video family is built when named).")
     parser.add_argument("--split", choices=BUNDLED_SPLITS, action="append", help="Default: every split.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=SplitSizes().train)

@@ -15,11 +15,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.data.digits import DigitGridSpec, generate_digit_grids
+from services.data.moving_digits import MovingDigitSpec, generate_moving_digits
 from services.data.scenes import SceneSpec, generate_scenes
 from services.data.writer import SPLITS, split_seed, write_split
 
-TASK_FAMILIES: tuple[str, ...] = ("scenes", "digits")
-_FAMILY_SALT = {"scenes": 11, "digits": 23}
+TASK_FAMILIES: tuple[str, ...] = ("scenes", "digits")  # the image families the bundled base model learns
+VIDEO_FAMILIES: tuple[str, ...] = ("video",)  # moving digits (services.data.moving_digits), built when asked
+ALL_FAMILIES: tuple[str, ...] = TASK_FAMILIES + VIDEO_FAMILIES
+_FAMILY_SALT = {"scenes": 11, "digits": 23, "video": 37}
 RL_SPLIT = "rl"  # RL's own split; SFT's parts are named train and train-<px>, so no file or stream is shared
 RL_ITEMS = 2000
 BUNDLED_SPLITS: tuple[str, ...] = (*SPLITS, RL_SPLIT)
@@ -48,6 +51,8 @@ def _generate(
     rng = np.random.default_rng(split_seed(seed, name, _FAMILY_SALT[family]))
     if family == "scenes":
         return generate_scenes(rng, scene_spec or SceneSpec(), name, count)
+    if family == "video":
+        return generate_moving_digits(rng, MovingDigitSpec(), name, count, pool=pool)
     return generate_digit_grids(rng, digit_spec or DigitGridSpec(), name, count, pool=pool)
 
 
@@ -64,8 +69,8 @@ def build_family(
 
     The rl split draws from the train digit pool (held apart from val and test) on its own random stream.
     """
-    if family not in TASK_FAMILIES:
-        raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {ALL_FAMILIES}")
     sizes = sizes or SplitSizes()
     family_dir = Path(out_dir) / family
     written: dict[str, Path] = {}
@@ -87,8 +92,8 @@ def build_part(
     digit_spec: DigitGridSpec | None = None,
 ) -> Path:
     """Generate a named extra training part (e.g. 'train-56', small images) from the train digit pool."""
-    if family not in TASK_FAMILIES:
-        raise ValueError(f"family={family!r} is not one of {TASK_FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {ALL_FAMILIES}")
     if name in ("val", "test", RL_SPLIT):
         raise ValueError(f"part name={name!r} would overwrite an evaluation or the RL split")
     items = _generate(family, seed, name, count, scene_spec, digit_spec, pool="train")
@@ -113,7 +118,7 @@ def build_all(
 def bundled_family(jsonl_path: str | Path) -> str | None:
     """The family of a bundled split path (<root>/<family>/<split>.jsonl), or None for any other file."""
     path = Path(jsonl_path)
-    return path.parent.name if path.parent.name in TASK_FAMILIES else None
+    return path.parent.name if path.parent.name in ALL_FAMILIES else None
 
 
 def build_command(jsonl_path: str | Path) -> str:

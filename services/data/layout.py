@@ -44,10 +44,10 @@ class Layout(BaseModel):
 
 
 class GeneratedItem(NamedTuple):
-    """A generator's output: the task line, its image, and the image's layout."""
+    """A generator's output: the task line, its image (a video task: its frames), and the layout."""
 
     task: Task
-    image: Image.Image
+    image: Image.Image | list[Image.Image]
     layout: Layout
 
 

@@ -23,15 +23,21 @@ def split_seed(seed: int, split: str, salt: int) -> list[int]:
 
 
 def write_split(items: Iterable[GeneratedItem], out_dir: Path, split: str, total: int, label: str) -> Path:
-    """Save each image under images/<split>/, its task line into <split>.jsonl and its layout beside it."""
-    image_dir = out_dir / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
+    """Save each image (or video's frames) where its task names it, its task line into <split>.jsonl, its layout beside."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     jsonl_path = out_dir / f"{split}.jsonl"
     partial_path = jsonl_path.with_suffix(".jsonl.partial")
     layouts = []
     with partial_path.open("w", encoding="utf-8") as lines:
         for task, image, layout in tqdm(items, total=total, desc=f"{label}/{split}", unit="item", leave=False):
-            image.save(out_dir / task.image, format="PNG", optimize=False)
+            if task.is_video:  # a frame folder: 000.png, 001.png, ... (services.data.video reads it in order)
+                folder = out_dir / task.media
+                folder.mkdir(parents=True, exist_ok=True)
+                for index, frame in enumerate(image):
+                    frame.save(folder / f"{index:03d}.png", format="PNG", optimize=False)
+            else:
+                (out_dir / task.media).parent.mkdir(parents=True, exist_ok=True)
+                image.save(out_dir / task.media, format="PNG", optimize=False)
             lines.write(json.dumps(task.model_dump(mode="json", exclude_none=True)) + "\n")
             layouts.append(layout)
     write_layouts(layouts, jsonl_path)

@@ -100,3 +100,46 @@ def test_the_loader_locates_videos_and_reports_missing_ones_by_line(tmp_path: Pa
     [item] = load_dataset(path)
     assert item.is_video and item.image_path == (tmp_path / "videos" / "v0").resolve()
     assert load_video(item.image_path).num_frames == 4
+
+
+def _ink_cell(frame: np.ndarray, grid_size: int) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the most ink (the darkest) in an RGB frame."""
+    grey = frame.astype(float).mean(axis=-1)
+    cell = frame.shape[0] // grid_size
+    darkness = [[-grey[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].mean() for c in range(grid_size)]
+                for r in range(grid_size)]
+    return divmod(int(np.argmax(darkness)), grid_size)
+
+
+def test_the_moving_digit_family_builds_frame_folders_whose_answers_the_frames_show(tmp_path: Path) -> None:
+    from services.data.build import SplitSizes, build_family
+    from services.data.layout import load_layouts
+    from services.data.moving_digits import MovingDigitSpec
+
+    spec = MovingDigitSpec()
+    sizes = SplitSizes(train=0, val=0, test=40, rl=0)
+    path = build_family("video", tmp_path / "a", seed=3, sizes=sizes, splits=("test",))["test"]
+    again = build_family("video", tmp_path / "b", seed=3, sizes=sizes, splits=("test",))["test"]
+    assert path.read_text() == again.read_text()  # deterministic by seed
+    items, layouts = load_dataset(path), load_layouts(path)
+    kinds = set()
+    for item in items:
+        video = load_video(item.image_path)
+        assert video.frames.shape == (spec.steps * spec.frames_per_step, 112, 112, 3)
+        steps = video.frames[::spec.frames_per_step]
+        assert all((video.frames[i] == video.frames[i + 1]).all() for i in range(0, video.num_frames, 2))
+        visited = [_ink_cell(frame, spec.grid_size) for frame in steps]
+        layout = layouts[item.task.id]
+        assert visited == [(cell.row, cell.column) for cell in layout.cells]
+        assert len(set(visited)) == spec.steps  # a new cell at every step
+        question, answer = item.task.question, item.task.answer
+        if question.startswith("At which step"):
+            row, column = (int(word.strip(",?")) - 1 for word in question.split()[-3::2])
+            assert visited.index((row, column)) + 1 == int(answer)
+        elif question.startswith("In which"):
+            step = int(question.rstrip("?").split()[-1]) - 1
+            assert visited[step][0 if " row " in question else 1] + 1 == int(answer)
+        else:
+            assert str(layout.cells[0].digit) == answer
+        kinds.add(question.split()[2])
+    assert kinds == {"step", "row", "column", "moves"}
