@@ -29,6 +29,9 @@ from services.modeling.pruned_forward import (
     image_features,
     image_inputs,
     image_token_id,
+    placeholder_token_id,
+    video_inputs,
+    video_rope_positions,
     visual_tokens_per_image,
 )
 from services.sparsity.budgets import KeepSetError
@@ -83,8 +86,15 @@ class BatchPlan:
         return BatchPlan(**moved, lengths=self.lengths)
 
 
-def prompt_positions(model: torch.nn.Module, prompt_ids: Sequence[int], grid_thw: torch.Tensor) -> torch.Tensor:
-    """M-RoPE positions (3, Lp) of one unpruned prompt with one image, by the model's own get_rope_index (CPU)."""
+def prompt_positions(
+    model: torch.nn.Module, prompt_ids: Sequence[int], grid_thw: torch.Tensor, seconds_per_grid: float | None = None,
+) -> torch.Tensor:
+    """M-RoPE positions (3, Lp) of one unpruned prompt with one image, by the model's own get_rope_index (CPU).
+
+    A video prompt (``seconds_per_grid`` set) takes ``video_rope_positions``, the engine's rule for videos.
+    """
+    if seconds_per_grid is not None:
+        return video_rope_positions(model, torch.tensor(list(prompt_ids)), grid_thw[0], seconds_per_grid)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     token_types = (ids == image_token_id(model)).to(torch.int32)
     positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=token_types, image_grid_thw=grid_thw)
@@ -122,11 +132,12 @@ class _PlannedRow:
 
 def _plan_row(
     model: torch.nn.Module, row: RowSpec, grids: torch.Tensor, counts: list[int], offsets: list[int],
-    position_cache: dict[tuple[int, tuple[int, ...]], np.ndarray],
+    position_cache: dict[tuple[int, tuple[int, ...]], np.ndarray], seconds_per_grid: Sequence[float | None],
 ) -> _PlannedRow:
-    placeholder = image_token_id(model)
     if not 0 <= row.image < len(counts):
         raise ValueError(f"row reads image {row.image}, but the batch has {len(counts)} image(s)")
+    seconds = seconds_per_grid[row.image]
+    placeholder = placeholder_token_id(model, video=seconds is not None)
     total = counts[row.image]
     kept = _checked_keep_set(row.kept_indices, total)
     prompt = np.asarray(row.prompt_token_ids, dtype=np.int64)
@@ -138,7 +149,7 @@ def _plan_row(
         prompt = np.concatenate([prompt[:start], np.full(total, placeholder), prompt[start + run:]])
     key = (row.image, tuple(prompt.tolist()))
     if key not in position_cache:  # once per group: its G rollouts share the prompt
-        position_cache[key] = prompt_positions(model, key[1], grids[row.image:row.image + 1]).numpy()
+        position_cache[key] = prompt_positions(model, key[1], grids[row.image:row.image + 1], seconds).numpy()
     positions = position_cache[key]
     completion = np.asarray(row.completion_token_ids, dtype=np.int64)
     # Text after the prompt continues from the unpruned prompt's largest position (get_rope_index's rule).
@@ -151,19 +162,27 @@ def _plan_row(
     )
 
 
-def plan_batch(model: torch.nn.Module, rows: Sequence[RowSpec], image_grid_thw: torch.Tensor) -> BatchPlan:
+def plan_batch(
+    model: torch.nn.Module, rows: Sequence[RowSpec], image_grid_thw: torch.Tensor,
+    seconds_per_grid: Sequence[float | None] | None = None,
+) -> BatchPlan:
     """Plan one right-padded batch of pruned rows on the CPU. image_grid_thw: (images, 3), on the CPU.
 
     Reads only the model's config and its ``get_rope_index`` (no parameters), and validates every keep set
     and placeholder run; a row without completion tokens is allowed (it contributes nothing).
+    seconds_per_grid: per item of the batch, None for an image, the seconds a temporal slot spans for a video
+    (whose grid, pixel values and ``<|video_pad|>`` run take the image's place); default: all images.
     """
     if not rows:
         raise ValueError("plan_batch needs at least one row")
     grids = image_grid_thw.cpu()
     counts = visual_tokens_per_image(model, grids)
+    seconds = list(seconds_per_grid) if seconds_per_grid is not None else [None] * len(counts)
+    if len(seconds) != len(counts):
+        raise ValueError(f"seconds_per_grid has {len(seconds)} entries for {len(counts)} media items")
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     cache: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
-    planned = [_plan_row(model, row, grids, counts, offsets, cache) for row in rows]
+    planned = [_plan_row(model, row, grids, counts, offsets, cache, seconds) for row in rows]
     batch, width = len(planned), max(row.ids.size for row in planned)
     completion_width = max(max(row.completion_length for row in planned), 1)
     input_ids = np.zeros((batch, width), dtype=np.int64)
@@ -218,14 +237,16 @@ def batched_completion_logprobs(
 
 def rows_completion_logprobs(
     model: torch.nn.Module, rows: Sequence[RowSpec], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+    seconds_per_grid: Sequence[float | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan, run the vision tower once for all images, and score every row: (B, C) log-probs and mask.
 
     pixel_values: (patches, C*T*P*P) of the images in order, on the model's device; image_grid_thw: (images, 3).
-    The convenience path for callers without their own feature sharing (replay, recording, tests).
+    Videos: see ``plan_batch``. The convenience path for callers without their own feature sharing (replay,
+    recording, tests).
     """
     device = pixel_values.device
-    plan = plan_batch(model, rows, image_grid_thw.cpu()).to(device)
+    plan = plan_batch(model, rows, image_grid_thw.cpu(), seconds_per_grid).to(device)
     features = image_features(model, pixel_values, image_grid_thw.to(device))
     return batched_completion_logprobs(model, plan, features), plan.completion_mask
 
@@ -234,13 +255,20 @@ def replay_logprobs(
     model: torch.nn.Module, processor: Any, image: Any, prompt_token_ids: Sequence[int],
     completion_token_ids: Sequence[int], kept_indices: Sequence[int],
 ) -> torch.Tensor:
-    """Training log-probs of one recorded rollout (e.g. a wire ``Rollout``): (len(completion),), differentiable."""
+    """Training log-probs of one recorded rollout (e.g. a wire ``Rollout``): (len(completion),), differentiable.
+
+    image: a PIL image or a ``services.data.video.Video``.
+    """
     if not completion_token_ids:
         raise ValueError("completion_token_ids is empty: nothing to score")
-    pixel_values, image_grid_thw = image_inputs(processor, image)
+    seconds: float | None = None
+    if hasattr(image, "frames"):
+        pixel_values, image_grid_thw, seconds = video_inputs(processor, image)
+    else:
+        pixel_values, image_grid_thw = image_inputs(processor, image)
     device = next(model.parameters()).device
     logprobs, _ = rows_completion_logprobs(
         model, [RowSpec(prompt_token_ids, completion_token_ids, kept_indices)], pixel_values.to(device),
-        image_grid_thw,
+        image_grid_thw, [seconds],
     )
     return logprobs[0]

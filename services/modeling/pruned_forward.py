@@ -48,6 +48,43 @@ def image_token_id(model: torch.nn.Module) -> int:
     return int(model.config.image_token_id)
 
 
+def placeholder_token_id(model: torch.nn.Module, video: bool) -> int:
+    """The id of the visual placeholder token: ``<|video_pad|>`` for a video, ``<|image_pad|>`` for an image."""
+    return int(model.config.video_token_id) if video else image_token_id(model)
+
+
+def video_rope_positions(
+    model: torch.nn.Module, input_ids: torch.Tensor, grid_thw: torch.Tensor, seconds_per_grid: float
+) -> torch.Tensor:
+    """M-RoPE positions (3, L) of one unpruned prompt holding one video's single run of placeholders.
+
+    Text before the video counts up from 0; the video's tokens sit at (start + t * tokens_per_second *
+    seconds_per_grid, start + h, start + w); text after continues from the video's largest position + 1.
+    That is vLLM's rule and the original Qwen2.5-VL's. Transformers 5.19's ``get_rope_index`` continues after
+    a video from start + max(h, w) instead (ignoring the video's temporal extent), so the learner does not use
+    it for videos: it would disagree with the engine the rollouts ran on. For an image (t = 1) both agree.
+    input_ids: (L,) on the CPU; grid_thw: (3,) patches (t, h, w) before the spatial merge.
+    """
+    placeholder = placeholder_token_id(model, video=True)
+    where = torch.nonzero(input_ids == placeholder).flatten()
+    if where.numel() == 0 or int(where[-1] - where[0]) + 1 != where.numel():
+        raise KeepSetError("a video prompt must hold one contiguous run of video placeholders")
+    merge = int(model.config.vision_config.spatial_merge_size)
+    t, h, w = (int(v) for v in grid_thw.tolist())
+    if where.numel() != t * (h // merge) * (w // merge):
+        raise KeepSetError(f"{where.numel()} video placeholders for a grid {[t, h, w]} of "
+                           f"{t * (h // merge) * (w // merge)} visual tokens")
+    interval = float(getattr(model.config.vision_config, "tokens_per_second", 1.0)) * float(seconds_per_grid)
+    start, length = int(where[0]), int(input_ids.numel())
+    grid = torch.stack(torch.meshgrid(
+        (torch.arange(t) * interval).long(), torch.arange(h // merge), torch.arange(w // merge), indexing="ij"
+    )).reshape(3, -1) + start
+    after = length - start - where.numel()
+    return torch.cat([
+        torch.arange(start).expand(3, -1), grid, torch.arange(after).expand(3, -1) + int(grid.max()) + 1,
+    ], dim=1)
+
+
 def visual_tokens_per_image(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> list[int]:
     """Merged visual tokens per image: t*h*w / merge^2. image_grid_thw: (images, 3)."""
     merge = int(model.config.vision_config.spatial_merge_size)
@@ -82,18 +119,23 @@ def embed_full_sequence(
     image_grid_thw: torch.Tensor,
     text_tail: int = 0,
     image_embeds: torch.Tensor | None = None,
+    video_seconds_per_grid: float | None = None,
 ) -> MultimodalSequence:
-    """Embed one unpruned sequence with its image(s) and compute its M-RoPE positions.
+    """Embed one unpruned sequence with its image(s), or its one video, and compute its M-RoPE positions.
 
     input_ids: (1, L) with N image placeholders; pixel_values: (patches, C*T*P*P); image_grid_thw: (images, 3).
     The last ``text_tail`` tokens (a completion) are text even where they equal the image token: a
     sampled ``<|image_pad|>`` is an ordinary token embedding in vLLM too. ``image_embeds`` (N, D), when
     given, are merged visual features already computed from ``pixel_values`` (``image_features``).
+    A video (``video_seconds_per_grid`` set: seconds one temporal slot spans) has ``<|video_pad|>``
+    placeholders, its frames' pixel values and its grid (1, 3) in the image arguments: the vision tower is the
+    same, and only the placeholder and the temporal positions differ (``video_rope_positions``).
     """
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
     core = model.model
-    placeholder_id = image_token_id(model)
+    video = video_seconds_per_grid is not None
+    placeholder_id = placeholder_token_id(model, video)
     image_mask = input_ids == placeholder_id
     if text_tail:
         image_mask[:, -text_tail:] = False
@@ -110,9 +152,14 @@ def embed_full_sequence(
     inputs_embeds = token_embeds.masked_scatter(
         image_mask.unsqueeze(-1), image_embeds.to(token_embeds.dtype)
     )
-    position_ids, _ = core.get_rope_index(
-        input_ids, mm_token_type_ids=image_mask.to(torch.int32), image_grid_thw=image_grid_thw
-    )
+    if video:
+        position_ids = video_rope_positions(
+            model, input_ids[0].cpu(), image_grid_thw[0].cpu(), video_seconds_per_grid
+        ).to(input_ids.device).unsqueeze(1)
+    else:
+        position_ids, _ = core.get_rope_index(
+            input_ids, mm_token_type_ids=image_mask.to(torch.int32), image_grid_thw=image_grid_thw
+        )
     return MultimodalSequence(
         inputs_embeds=inputs_embeds,
         position_ids=position_ids,
@@ -153,12 +200,13 @@ def pruned_completion_logits(
     image_grid_thw: torch.Tensor,
     kept_indices: Sequence[int],
     completion_length: int,
+    video_seconds_per_grid: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits that predict each of the last ``completion_length`` tokens, with only kept visual tokens.
 
     input_ids: (1, L) prompt then completion; its image placeholders may number N (unpruned) or
     len(kept_indices) (as vLLM saw the prompt). Returns logits (completion_length, V) float32 and the
-    completion ids (completion_length,).
+    completion ids (completion_length,). A video: see ``embed_full_sequence``.
     """
     if completion_length < 1 or completion_length >= input_ids.shape[1]:
         raise ValueError(
@@ -166,14 +214,16 @@ def pruned_completion_logits(
         )
     total = sum(visual_tokens_per_image(model, image_grid_thw))
     prompt_ids, completion_ids = input_ids[:, :-completion_length], input_ids[:, -completion_length:]
-    placeholders = int((prompt_ids == image_token_id(model)).sum())
+    placeholder = placeholder_token_id(model, video_seconds_per_grid is not None)
+    placeholders = int((prompt_ids == placeholder).sum())
     if placeholders not in (total, len(kept_indices)):
         raise KeepSetError(
             f"the prompt holds {placeholders} image placeholders; expected {total} (the image's visual "
             f"tokens) or {len(kept_indices)} (len(kept_indices))"
         )
-    full_ids = torch.cat([expand_placeholders(prompt_ids, image_token_id(model), total), completion_ids], dim=1)
-    sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw, text_tail=completion_length)
+    full_ids = torch.cat([expand_placeholders(prompt_ids, placeholder, total), completion_ids], dim=1)
+    sequence = embed_full_sequence(model, full_ids, pixel_values, image_grid_thw, text_tail=completion_length,
+                                   video_seconds_per_grid=video_seconds_per_grid)
     inputs_embeds, position_ids, _ = prune_sequence(sequence, kept_indices)
     logits = decoder_logits(model, inputs_embeds, position_ids).float()
     # The token at pruned row j is predicted by row j-1; the completion is text after the image, so it
@@ -188,6 +238,7 @@ def pruned_completion_logprobs(
     image_grid_thw: torch.Tensor,
     kept_indices: Sequence[int],
     completion_length: int,
+    video_seconds_per_grid: float | None = None,
 ) -> torch.Tensor:
     """Log-probs of the last ``completion_length`` tokens of prompt+completion, with only kept visual tokens.
 
@@ -195,7 +246,7 @@ def pruned_completion_logprobs(
     into the LLM, the merger and the vision tower.
     """
     logits, completion_ids = pruned_completion_logits(
-        model, input_ids, pixel_values, image_grid_thw, kept_indices, completion_length
+        model, input_ids, pixel_values, image_grid_thw, kept_indices, completion_length, video_seconds_per_grid
     )
     logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -205,3 +256,14 @@ def image_inputs(processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor
     """Pixel values (patches, C*T*P*P) and image_grid_thw (1, 3) of one image, as the HF processor makes them."""
     encoded = processor.image_processor(images=[image], return_tensors="pt")
     return encoded["pixel_values"], encoded["image_grid_thw"]
+
+
+def video_inputs(processor: Any, video: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Pixel values, video_grid_thw (1, 3) and seconds per temporal slot of one ``Video``, as HF makes them."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=video.num_frames, fps=video.fps,
+                             frames_indices=list(range(video.num_frames)))
+    encoded = processor.video_processor(videos=[list(video.frames)], video_metadata=[metadata], return_tensors="pt")
+    temporal_patch = int(processor.video_processor.temporal_patch_size)
+    return encoded["pixel_values_videos"], encoded["video_grid_thw"], video.seconds_per_grid(temporal_patch)

@@ -25,7 +25,7 @@ QWEN_SPLIT_PATTERN = (
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Qwen2-VL / Qwen2.5-VL chat template (the image placeholder is one <|image_pad|>, which the processor expands).
+# Qwen2-VL / Qwen2.5-VL chat template (one <|image_pad|> or <|video_pad|> per item, which the processor expands).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
@@ -38,6 +38,8 @@ CHAT_TEMPLATE = (
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}"
     "{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}"

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from services.data.video import Video
 from services.modeling.prompts import build_prompt
-from services.modeling.pruned_forward import image_features
+from services.modeling.pruned_forward import image_features, placeholder_token_id, video_inputs
 from services.schemas.models import Budget, Rollout, RolloutTimings
 from services.sparsity.budgets import Selection, budget_from_wire, select
 from services.sparsity.scorers import ScorerInputs, VisualTokenScorer
@@ -35,9 +36,9 @@ from services.vllm_plugin.qwen2_5_vl import KEPT_INDICES_KWARG, VISUAL_TOKENS_TO
 
 @dataclass(frozen=True)
 class PrunedRequest:
-    """One rollout to run: an image, a question and the budget its visual tokens are cut to."""
+    """One rollout to run: an image (or a ``Video``), a question and the budget its visual tokens are cut to."""
 
-    image: Image.Image
+    image: Image.Image | Video
     question: str
     budget: Budget
     sampling_params: Any = None  # vllm.SamplingParams; None uses the call's default
@@ -97,26 +98,36 @@ def score_prompt(
     model: torch.nn.Module,
     processor: Any,
     scorer: VisualTokenScorer | None,
-    image: Image.Image,
+    image: Image.Image | Video,
     question: str,
     keep_image_embeds: bool = False,
 ) -> ScoredPrompt:
-    """Tokenize (image, question) with the HF processor and score its visual tokens (uniform if no scorer).
+    """Tokenize (image or video, question) with the HF processor and score its visual tokens (uniform if no scorer).
 
     keep_image_embeds: run the vision tower here once and keep its features in ``inputs.image_embeds``,
-    for the scorer and for vLLM (see ``pruned_rollouts(reuse_image_embeds=True)``).
+    for the scorer and for vLLM (see ``pruned_rollouts(reuse_image_embeds=True)``). A video's N visual tokens
+    are all its frames' tokens (t-major), scored together and cut under the same budgets as an image's.
     """
-    prompt = build_prompt(processor, question)
-    encoded = processor(text=[prompt], images=[image], return_tensors="pt")
+    video = isinstance(image, Video)
+    prompt = build_prompt(processor, question, video=video)
     device = next(model.parameters()).device
-    pixel_values, image_grid_thw = encoded["pixel_values"].to(device), encoded["image_grid_thw"].to(device)
+    seconds = None
+    if video:
+        pixel_values, image_grid_thw, seconds = video_inputs(processor, image)
+        merge = int(model.config.vision_config.spatial_merge_size)
+        expanded = prompt.replace(processor.video_token, processor.video_token * (int(image_grid_thw.prod()) // merge**2))
+        input_ids = processor.tokenizer([expanded], return_tensors="pt")["input_ids"]
+    else:
+        encoded = processor(text=[prompt], images=[image], return_tensors="pt")
+        input_ids, pixel_values, image_grid_thw = encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"]
+    pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
     image_embeds = None
     if keep_image_embeds:
         with torch.no_grad():
             image_embeds = image_features(model, pixel_values, image_grid_thw)
-    inputs = ScorerInputs(encoded["input_ids"].to(device), pixel_values, image_grid_thw, image_embeds)
+    inputs = ScorerInputs(input_ids.to(device), pixel_values, image_grid_thw, image_embeds, seconds)
     if scorer is None:
-        visual_tokens = int((inputs.input_ids == model.config.image_token_id).sum())
+        visual_tokens = int((inputs.input_ids == placeholder_token_id(model, video)).sum())
         return ScoredPrompt(prompt=prompt, inputs=inputs, scores=torch.ones(visual_tokens))
     return ScoredPrompt(prompt=prompt, inputs=inputs, scores=scorer.score(model, inputs).cpu())
 
@@ -126,17 +137,24 @@ def _keeps_everything(budget: Budget) -> bool:
 
 
 def engine_request(
-    prompt: str, image: Image.Image, selection: Selection | None, inputs: ScorerInputs | None = None
+    prompt: str, image: Image.Image | Video, selection: Selection | None, inputs: ScorerInputs | None = None
 ) -> dict[str, Any]:
     """The vLLM prompt dict for one request; ``selection=None`` runs the image unpruned (stock path).
 
     With ``inputs`` holding ``image_embeds``, vLLM gets those merged features instead of pixels and
-    skips its own vision tower (the engine needs ``enable_mm_embeds=True``).
+    skips its own vision tower (the engine needs ``enable_mm_embeds=True``). A ``Video`` goes as its frames
+    with their metadata (every frame, at the video's rate), always as pixels.
     """
+    if isinstance(image, Video):
+        return _with_keep_set({"prompt": prompt, "multi_modal_data": {"video": (image.frames, image.metadata())}},
+                              selection)
     item: Any = image
     if inputs is not None and inputs.image_embeds is not None:
         item = {"image_embeds": inputs.image_embeds.cpu(), "image_grid_thw": inputs.image_grid_thw.cpu()}
-    request: dict[str, Any] = {"prompt": prompt, "multi_modal_data": {"image": item}}
+    return _with_keep_set({"prompt": prompt, "multi_modal_data": {"image": item}}, selection)
+
+
+def _with_keep_set(request: dict[str, Any], selection: Selection | None) -> dict[str, Any]:
     if selection is not None:
         request["mm_processor_kwargs"] = {
             KEPT_INDICES_KWARG: list(selection.kept_indices),
@@ -207,11 +225,11 @@ def pruned_rollouts(
     outputs = llm.generate(engine_requests, params, use_tqdm=use_tqdm)
     generate_s = (time.perf_counter() - started) / max(1, len(requests))
 
-    image_pad = int(model.config.image_token_id)
     results = []
     for request, (prepared, selection), output in zip(requests, selections, outputs):
         full_ids = prepared.inputs.input_ids[0].tolist()
-        check_engine_prompt(full_ids, list(output.prompt_token_ids), image_pad, selection.visual_tokens_kept)
+        pad = placeholder_token_id(model, isinstance(request.image, Video))
+        check_engine_prompt(full_ids, list(output.prompt_token_ids), pad, selection.visual_tokens_kept)
         completion = output.outputs[0]
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
         results.append(

@@ -29,13 +29,16 @@ class ScorerInputs:
     """One unpruned prompt. input_ids: (1, L) with N image placeholders; pixel_values; image_grid_thw: (1, 3).
 
     image_embeds: (N, D) merged visual features of pixel_values when already computed (saves a
-    vision-tower pass), else None.
+    vision-tower pass), else None. A video prompt sets ``video_seconds_per_grid`` (the seconds one temporal
+    slot spans) and holds ``<|video_pad|>`` placeholders, its frames' pixel values and its grid; its N tokens
+    are all frames' tokens, t-major, and are scored together.
     """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     image_embeds: torch.Tensor | None = None
+    video_seconds_per_grid: float | None = None
 
     def visual_features(self, model: torch.nn.Module) -> torch.Tensor:
         """The merged visual features (N, D): the given ones, or a vision-tower pass."""
@@ -122,7 +125,7 @@ class TextAttentionScorer:
         """``score`` with autograd on: the learner's kept-mass term trains layers <= K through it."""
         sequence = embed_full_sequence(
             model, inputs.input_ids, inputs.pixel_values, inputs.image_grid_thw,
-            image_embeds=inputs.visual_features(model),
+            image_embeds=inputs.visual_features(model), video_seconds_per_grid=inputs.video_seconds_per_grid,
         )
         visual_positions = sequence.visual_positions
         query_rows = torch.arange(

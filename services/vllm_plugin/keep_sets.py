@@ -6,6 +6,7 @@ See ``services.vllm_plugin.qwen2_5_vl`` for how a keep set travels and why this 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ from services.sparsity.budgets import KeepSetError, keep_mask
 KEPT_INDICES_KWARG = "kept_indices"
 VISUAL_TOKENS_TOTAL_KWARG = "visual_tokens_total"
 KEEP_MASK_FIELD = "image_keep_mask"
+# One keep-mask field per modality: a video's keep set indexes all its frames' visual tokens (t-major, as the
+# vision tower emits them), exactly as an image's indexes its tokens.
+KEEP_MASK_FIELDS = {"image": KEEP_MASK_FIELD, "video": "video_keep_mask"}
 _PLUGIN_KWARGS = (KEPT_INDICES_KWARG, VISUAL_TOKENS_TOTAL_KWARG)
 
 
@@ -38,17 +42,22 @@ def image_keep_masks(
     kept_indices: Sequence[int] | None,
     visual_tokens_total: int | None,
 ) -> torch.Tensor:
-    """Concatenated per-image keep masks; all-true without a keep set. Returns (sum of N_i,) bool."""
+    """Concatenated per-item keep masks of images or videos (grids (items, 3)); all-true without a keep set.
+
+    Returns (sum of N_i,) bool; a keep set needs exactly one item (one image or one video per request).
+    """
     sizes = _tokens_per_image(image_grid_thw, merge_size)
     if kept_indices is None:
         if visual_tokens_total is not None:
             raise KeepSetError(f"{VISUAL_TOKENS_TOTAL_KWARG} was given without {KEPT_INDICES_KWARG}")
         return torch.ones(sum(sizes), dtype=torch.bool)
     if len(sizes) != 1:
-        raise KeepSetError(f"{KEPT_INDICES_KWARG} supports one image per request, got {len(sizes)} images")
+        raise KeepSetError(
+            f"{KEPT_INDICES_KWARG} supports one image or video per request, got {len(sizes)} items"
+        )
     if visual_tokens_total is not None and int(visual_tokens_total) != sizes[0]:
         raise KeepSetError(
-            f"{VISUAL_TOKENS_TOTAL_KWARG}={visual_tokens_total} but the image (grid "
+            f"{VISUAL_TOKENS_TOTAL_KWARG}={visual_tokens_total} but the media (grid "
             f"{image_grid_thw[0].tolist()}) has {sizes[0]} visual tokens: the keep set was made for "
             "another image size"
         )
@@ -56,7 +65,7 @@ def image_keep_masks(
 
 
 class KeepSetProcessorMixin:
-    """Stock Qwen-VL processing plus a per-image keep mask and len(kept) image placeholders.
+    """Stock Qwen-VL processing plus a per-item keep mask and len(kept) placeholders, for images and videos.
 
     Mix in before a vLLM Qwen2-VL-family ``BaseMultiModalProcessor`` subclass.
     """
@@ -70,23 +79,25 @@ class KeepSetProcessorMixin:
         kept_indices = hf_kwargs.get(KEPT_INDICES_KWARG)
         visual_tokens_total = hf_kwargs.get(VISUAL_TOKENS_TOTAL_KWARG)
         processed = super()._apply_hf_processor_main(mm_items, _without_plugin_kwargs(hf_kwargs))
-        image_grid_thw = processed.get("image_grid_thw")
-        if image_grid_thw is None:
-            # No image to process: a text-only request, or every image came from the processor cache
-            # (whose entries already hold their masks, keyed by a hash that includes the keep set).
-            return processed
-        processed[KEEP_MASK_FIELD] = image_keep_masks(
-            image_grid_thw, self._merge_size(), kept_indices, visual_tokens_total
-        )
+        # No grid of a modality: a text-only request, or every item came from the processor cache (whose
+        # entries already hold their masks, keyed by a hash that includes the keep set).
+        present = [m for m in KEEP_MASK_FIELDS if processed.get(f"{m}_grid_thw") is not None]
+        if kept_indices is not None and len(present) > 1:
+            raise KeepSetError(f"{KEPT_INDICES_KWARG} supports one image or video per request, got both")
+        for modality in present:
+            processed[KEEP_MASK_FIELDS[modality]] = image_keep_masks(
+                processed[f"{modality}_grid_thw"], self._merge_size(), kept_indices, visual_tokens_total
+            )
         return processed
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         config = dict(super()._get_mm_fields_config(hf_inputs, _without_plugin_kwargs(hf_processor_mm_kwargs)))
-        image_grid_thw = hf_inputs.get("image_grid_thw", torch.empty((0, 3), dtype=torch.long))
-        sizes = torch.tensor(_tokens_per_image(image_grid_thw, self._merge_size()), dtype=torch.long)
-        config[KEEP_MASK_FIELD] = MultiModalFieldConfig.flat_from_sizes("image", sizes, keep_on_cpu=True)
+        for modality, field in KEEP_MASK_FIELDS.items():
+            grid_thw = hf_inputs.get(f"{modality}_grid_thw", torch.empty((0, 3), dtype=torch.long))
+            sizes = torch.tensor(_tokens_per_image(grid_thw, self._merge_size()), dtype=torch.long)
+            config[field] = MultiModalFieldConfig.flat_from_sizes(modality, sizes, keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(
@@ -99,14 +110,30 @@ class KeepSetProcessorMixin:
             mm_items, _without_plugin_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
         )
         vocab = self.info.get_tokenizer().get_vocab()
-        image_pad = vocab[self.info.get_hf_processor().image_token]
+        hf_processor = self.info.get_hf_processor()
+        pads = {"image": vocab[hf_processor.image_token], "video": vocab[hf_processor.video_token]}
 
-        def kept_placeholders(item_idx: int) -> list[int]:
-            mask = out_mm_kwargs["image"][item_idx][KEEP_MASK_FIELD].data
-            return [image_pad] * int(mask.sum())
+        def kept_placeholders(item_idx: int, modality: str) -> list[int]:
+            mask = out_mm_kwargs[modality][item_idx][KEEP_MASK_FIELDS[modality]].data
+            return [pads[modality]] * int(mask.sum())
 
-        image_update = PromptReplacement(modality="image", target=[image_pad], replacement=kept_placeholders)
-        return [image_update if update.modality == "image" else update for update in stock]
+        return [
+            PromptReplacement(modality=update.modality, target=[pads[update.modality]],
+                              replacement=partial(kept_placeholders, modality=update.modality))
+            if update.modality in pads else update
+            for update in stock
+        ]
+
+
+def _modality_order(kwargs: Mapping[str, object]) -> list[str]:
+    """The modalities of an ``embed_multimodal`` call, in the order vLLM's Qwen-VL models embed them."""
+    order: list[str] = []
+    for key in kwargs:
+        modality = {"pixel_values": "image", "image_embeds": "image",
+                    "pixel_values_videos": "video", "video_embeds": "video"}.get(key)
+        if modality is not None and modality not in order:
+            order.append(modality)
+    return order
 
 
 class KeepSetModelMixin:
@@ -116,18 +143,25 @@ class KeepSetModelMixin:
     """
 
     def embed_multimodal(self, **kwargs: object) -> Any:
-        """Vision tower + merger on the full image, then only the kept rows of each image."""
-        masks = kwargs.pop(KEEP_MASK_FIELD, None)
+        """Vision tower + merger on the full image or video, then only the kept rows of each item."""
+        masks = {modality: kwargs.pop(field, None) for modality, field in KEEP_MASK_FIELDS.items()}
         embeddings = super().embed_multimodal(**kwargs)
-        if masks is None or kwargs.get("image_grid_thw") is None:
+        if all(mask is None for mask in masks.values()):
             return embeddings
-        if isinstance(masks, (list, tuple)):
-            masks = torch.cat([torch.as_tensor(mask).flatten() for mask in masks])
-        sizes = _tokens_per_image(torch.as_tensor(kwargs["image_grid_thw"]), self.visual.spatial_merge_size)
-        per_image = masks.to(torch.bool).split(sizes)
-        if len(per_image) != len(embeddings):
-            raise RuntimeError(f"{len(per_image)} keep masks for {len(embeddings)} image embeddings")
-        return tuple(emb[mask.to(emb.device)] for emb, mask in zip(embeddings, per_image))
+        per_item: list[torch.Tensor] = []
+        for modality in _modality_order(kwargs):
+            grid = torch.as_tensor(kwargs[f"{modality}_grid_thw"])
+            sizes = _tokens_per_image(grid, self.visual.spatial_merge_size)
+            mask = masks[modality]
+            if mask is None:
+                per_item.extend(torch.ones(size, dtype=torch.bool) for size in sizes)
+                continue
+            if isinstance(mask, (list, tuple)):
+                mask = torch.cat([torch.as_tensor(part).flatten() for part in mask])
+            per_item.extend(mask.to(torch.bool).split(sizes))
+        if len(per_item) != len(embeddings):
+            raise RuntimeError(f"{len(per_item)} keep masks for {len(embeddings)} media embeddings")
+        return tuple(emb[mask.to(emb.device)] for emb, mask in zip(embeddings, per_item))
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[Any]
@@ -148,7 +182,7 @@ class KeepSetModelMixin:
                 grid, merge_size, tokens_per_second=tokens_per_second, video_second_per_grid=seconds_per_grid
             )[:, :3].T.numpy()
             full = media + next_position
-            mask = feature.data.get(KEEP_MASK_FIELD) if feature.modality == "image" else None
+            mask = feature.data.get(KEEP_MASK_FIELDS[feature.modality])
             kept = full if mask is None else full[:, mask.data.numpy().astype(bool)]
             if kept.shape[1] != feature.mm_position.length:
                 raise KeepSetError(

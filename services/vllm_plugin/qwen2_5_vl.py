@@ -28,6 +28,12 @@ A request carries its keep set in ``mm_processor_kwargs``::
    forward (``services.modeling.pruned_forward``) drops the same rows from that full sequence, so both
    sides agree position by position.
 
+Videos go the same way: a request with ``{"video": (frames, metadata)}`` and a keep set over all the video's
+N = t*h*w/merge^2 visual tokens (t-major, as the vision tower emits them) gets a ``video_keep_mask`` and
+``len(kept)`` ``<|video_pad|>`` placeholders; each kept token keeps its (t, h, w) position, t spaced by
+``tokens_per_second * second_per_grid_ts``, and text after the video continues from the unpruned video's
+largest position + 1. One keep set applies to one image or one video per request.
+
 Why not vLLM's EVS runner path (``is_multimodal_pruning_enabled`` + ``recompute_mrope_positions``)? It
 is switched on only by a global ``video_pruning_rate`` and rewrites positions after the encoder from
 four channels appended to every embedding. Our keep set is known before the request is scheduled, so
