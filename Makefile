@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-faults demo bench base-model base-eval lint clean
+.PHONY: setup test test-fast test-faults demo bench base-model base-eval video-model lint clean
 
 setup:  ## create .venv, install vLLM (cpu by default; FLAVOR=gpu for CUDA), redis-server and the project
 	bash scripts/setup.sh
@@ -37,6 +37,9 @@ base-model: .venv/bin/python  ## rebuild the bundled tiny base model (SFT on the
 
 base-eval: .venv/bin/python  ## re-evaluate the bundled base model (committed and fresh test splits, sf-eval's evaluator) and rewrite its eval_report.json, without retraining
 	$(PY) -m learner.base_eval --model assets/tiny-qwen25vl
+
+video-model: .venv/bin/python  ## fine-tune the bundled base model on the moving-digit videos (learner/sft_video.py) into assets/tiny-qwen25vl-video; builds the video splits it needs
+	OMP_NUM_THREADS=1 $(PY) -m learner.sft_video --out assets/tiny-qwen25vl-video
 
 lint: .venv/bin/python
 	$(PY) -m ruff check .

@@ -23,6 +23,7 @@ from learner.eval_metrics import parse_budgets, summarize_budget
 from learner.fresh_split import FRESH_SEED, fresh_split
 from learner.judging import judged_summary
 from services.data import TASK_FAMILIES, DatasetItem, load_dataset
+from services.data.build import ALL_FAMILIES
 from services.schemas.models import Budget
 from services.settings import Settings, add_settings_arguments, load_settings
 
@@ -57,6 +58,7 @@ def split_report(evaluator: Any, items: Sequence[DatasetItem], budgets: Sequence
 def evaluate_base(
     model: Path, data_dir: Path, settings: Settings, budgets: Sequence[Budget], fresh_dir: Path,
     fresh_seed: int = FRESH_SEED, fresh_items: int = FRESH_ITEMS, batch_items: int = 32,
+    families: Sequence[str] = TASK_FAMILIES,
 ) -> dict[str, Any]:
     """The report's "eval" section: per family, val (dense), committed test and fresh test (every budget)."""
     from learner.evaluate import ModelEvaluator, ModelSpec
@@ -70,7 +72,7 @@ def evaluate_base(
         "fresh_seed": fresh_seed, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     planned = []  # every split loaded before vLLM starts, so a bad file fails in seconds
-    for family in TASK_FAMILIES:
+    for family in families:
         committed = data_dir / family / "test.jsonl"
         splits = {"val": (data_dir / family / "val.jsonl", [DENSE]), "test": (committed, budgets),
                   "fresh_test": (fresh_split(committed, fresh_dir, fresh_seed, fresh_items), budgets)}
@@ -108,7 +110,7 @@ def rewrite_report(model: Path, section: dict[str, Any]) -> Path:
 def summary_rows(section: dict[str, Any]) -> list[list[str]]:
     """One row per (family, split): dense accuracy [CI], then accuracy / reduction at each other budget."""
     rows = []
-    for family in TASK_FAMILIES:
+    for family in ALL_FAMILIES:
         for name, split in section.get(family, {}).items():
             dense = split["dense"]
             low, high = dense["accuracy_ci95"]

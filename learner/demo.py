@@ -44,6 +44,13 @@ from services.settings import Settings, add_settings_arguments, load_settings, s
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [REPO / "configs" / "default.yaml", REPO / "configs" / "demo.yaml"]
+VIDEO_MODEL = "assets/tiny-qwen25vl-video"  # `make video-model` (learner/sft_video.py) builds it
+# --family video: the moving-digit videos on the video base model; --set flags still win over these.
+FAMILY_OVERRIDES = {
+    "digits": [],
+    "video": [f"rollout.model_path={VIDEO_MODEL}", f"learner.model_path={VIDEO_MODEL}",
+              "learner.datasets=[assets/tasks/video/rl.jsonl]"],
+}
 
 
 def metric_sum(exposition: str, sample_name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -72,7 +79,8 @@ def run_settings(args: argparse.Namespace, run_dir: Path, ports: dict[str, int])
         f"reward_server.url=http://127.0.0.1:{ports['reward']}",
         f"learner.run_dir={run_dir}", "telemetry.metrics_host=127.0.0.1",
     ]
-    return load_settings([*DEFAULT_CONFIGS, *args.config], [*args.overrides, *placement])
+    family = FAMILY_OVERRIDES[getattr(args, "family", "digits")]
+    return load_settings([*DEFAULT_CONFIGS, *args.config], [*family, *args.overrides, *placement])
 
 
 def write_settings_file(settings: Settings, path: Path) -> None:
@@ -285,9 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the base-vs-trained evaluation")
     parser.add_argument("--rl-items", type=int, default=RL_ITEMS,
                         help="items of a bundled RL split (assets/tasks/<family>/rl.jsonl) that the demo builds when missing")
+    parser.add_argument("--family", choices=tuple(FAMILY_OVERRIDES), default="digits",
+                        help="task family to train on: digit grids (images) or moving digits (videos, on the video "
+                             "base model that `make video-model` builds)")
     args = parser.parse_args(argv)
+    if args.family == "video" and not (REPO / VIDEO_MODEL / "config.json").is_file():
+        print(f"demo failed: {VIDEO_MODEL} does not exist; build it with `make video-model`", file=sys.stderr)
+        return 2
     if args.print_settings:  # this run's ports and folder are chosen when it starts
-        print(settings_yaml(load_settings([*DEFAULT_CONFIGS, *args.config], args.overrides)), end="")
+        overrides = [*FAMILY_OVERRIDES[args.family], *args.overrides]
+        print(settings_yaml(load_settings([*DEFAULT_CONFIGS, *args.config], overrides)), end="")
         return 0
     console = Console(soft_wrap=True)  # without a terminal rich would cut lines at 80 columns
     run_dir = args.runs_root.resolve() / (args.run_name or time.strftime("demo-%Y%m%d-%H%M%S"))

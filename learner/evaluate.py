@@ -55,7 +55,7 @@ from learner.eval_suites import (
 )
 from learner.judging import EvaluationError, judge_item
 from learner.progress import ChunkProgress
-from services.data.loader import DatasetError, DatasetItem, open_image
+from services.data.loader import DatasetError, DatasetItem, open_media
 from services.schemas.models import Budget
 from services.settings import SettingsError, add_settings_arguments, settings_from_args
 from services.settings.models import Settings
@@ -184,8 +184,8 @@ class ModelEvaluator:
         from services.rollout.pruned import PrunedRequest, pruned_rollouts
 
         rewards = self.settings.reward_server.rewards
-        images = [open_image(item.image_path) for item in chunk]
-        # One image object per item: pruned_rollouts scores each (image, question) once for all budgets.
+        images = [open_media(item) for item in chunk]
+        # One image (or video) object per item: pruned_rollouts scores each (image, question) once for all budgets.
         requests = [PrunedRequest(image, item.task.question, budget)
                     for item, image in zip(chunk, images) for budget in budgets]
         with torch.no_grad():
@@ -225,7 +225,7 @@ class ModelEvaluator:
         from services.sparsity.budgets import Selection
 
         requests = [
-            engine_request(build_prompt(self.processor, item.task.question), open_image(item.image_path),
+            engine_request(build_prompt(self.processor, item.task.question, video=item.is_video), open_media(item),
                            Selection(rollout.kept_indices, rollout.visual_tokens_total))
             for item, rollout in zip(items, rollouts)
         ]

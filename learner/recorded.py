@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from services.data.loader import DatasetItem, open_image
+from services.data.loader import DatasetItem, open_media
 from services.modeling.batched_forward import RowSpec, rows_completion_logprobs
-from services.modeling.prompts import build_prompt
+from services.rollout.pruned import score_prompt
 from services.schemas import AnswerType, Budget, RewardBreakdown, Rollout, Task, TrajectoryGroup
 from services.sparsity.budgets import budget_from_wire, select
-from services.sparsity.scorers import FeatureNormScorer, ScorerInputs
+from services.sparsity.scorers import FeatureNormScorer
 
 ANSWER_END = "<|im_end|>"
 
@@ -47,21 +47,17 @@ def record_group(
     model: torch.nn.Module, processor: Any, item: DatasetItem, budgets: Sequence[Budget], *, group_id: str,
     policy_version: int = 0, worker_id: str = "recorder", epoch: int = 0,
 ) -> TrajectoryGroup:
-    """One group of len(budgets) rollouts of `item`, one budget each, with rewards."""
-    image = open_image(item.image_path)
-    prompt = build_prompt(processor, item.task.question)
-    encoded = processor(text=[prompt], images=[image], return_tensors="pt")
-    inputs = ScorerInputs(
-        input_ids=encoded["input_ids"], pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"]
-    )
+    """One group of len(budgets) rollouts of `item` (an image or a video task), one budget each, with rewards."""
+    inputs = score_prompt(model, processor, None, open_media(item), item.task.question).inputs
     scores = FeatureNormScorer().score(model, inputs)
-    prompt_ids = encoded["input_ids"][0].tolist()
+    prompt_ids = inputs.input_ids[0].tolist()
     selections = [select(scores, budget_from_wire(budget)) for budget in budgets]
     texts = [item.task.answer if index % 2 == 0 else wrong_answer(item.task) for index in range(len(budgets))]
     completions = [processor.tokenizer(text + ANSWER_END, add_special_tokens=False)["input_ids"] for text in texts]
     rows = [RowSpec(prompt_ids, completion, selection.kept_indices)
             for completion, selection in zip(completions, selections, strict=True)]
-    every_logprobs, _ = rows_completion_logprobs(model, rows, inputs.pixel_values, inputs.image_grid_thw)
+    every_logprobs, _ = rows_completion_logprobs(model, rows, inputs.pixel_values, inputs.image_grid_thw,
+                                                 [inputs.video_seconds_per_grid])
     rollouts, rewards = [], []
     for index, budget in enumerate(budgets):
         selection, text, completion = selections[index], texts[index], completions[index]

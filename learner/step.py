@@ -45,6 +45,7 @@ from services.modeling.pruned_forward import (
     expand_placeholders,
     image_features,
     image_token_id,
+    placeholder_token_id,
     pruned_completion_logprobs,
     visual_tokens_per_image,
 )
@@ -52,7 +53,14 @@ from services.schemas import Rollout, TrajectoryGroup
 from services.sparsity.budgets import keep_mask
 from services.sparsity.scorers import ScorerInputs, VisualTokenScorer
 
-PixelInputs = tuple[Tensor, Tensor]  # pixel_values (patches, C*T*P*P), image_grid_thw (1, 3), both on the CPU
+# pixel_values (patches, C*T*P*P), image_grid_thw (1, 3), both on the CPU; a video adds a third element, the seconds
+# one temporal slot spans (its frames' pixel values and video grid take the image's place).
+PixelInputs = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, float]
+
+
+def video_seconds(pixels: PixelInputs) -> float | None:
+    """The seconds per temporal slot of a video's pixel inputs; None for an image's."""
+    return float(pixels[2]) if len(pixels) > 2 else None
 
 _LOSS_PARTS = ("loss", "policy_loss", "kl_penalty")  # step sums of LossResult fields (loss excludes kept mass)
 # Token-weighted means: each micro-batch contributes in proportion to its valid tokens.
@@ -114,9 +122,10 @@ class PixelCache:
         return value
 
 
-def pruned_length(rollout: Rollout, placeholder_id: int) -> int:
+def pruned_length(rollout: Rollout, placeholder_ids: int | tuple[int, ...]) -> int:
     """Tokens of the rollout's pruned sequence: prompt text, kept visual tokens, completion."""
-    placeholders = rollout.prompt_token_ids.count(placeholder_id)
+    ids = placeholder_ids if isinstance(placeholder_ids, tuple) else (placeholder_ids,)
+    placeholders = sum(rollout.prompt_token_ids.count(placeholder_id) for placeholder_id in ids)
     return (len(rollout.prompt_token_ids) - placeholders + len(rollout.kept_indices)
             + len(rollout.completion_token_ids))
 
@@ -129,7 +138,7 @@ def rollout_logprobs(model: torch.nn.Module, rollout: Rollout, pixels: PixelInpu
     input_ids, completion_length = rollout_input_ids(rollout)
     return pruned_completion_logprobs(
         model, input_ids.to(device), pixels[0].to(device), pixels[1].to(device), rollout.kept_indices,
-        completion_length,
+        completion_length, video_seconds(pixels),
     )
 
 
@@ -155,6 +164,7 @@ class _Chunk:
     policy_leaf: Tensor | None = None  # detached copy that collects the LLM's gradient
     reference_features: Tensor | None = None
     offsets: list[int] = field(default_factory=list)  # first feature row of each image
+    seconds: list[float | None] = field(default_factory=list)  # per image: None, or a video's seconds per slot
 
 
 @dataclass
@@ -213,7 +223,8 @@ def _chunk_inputs(
     pixel_values = torch.cat([first[g].pixels[0] for g in group_ids]).to(device, non_blocking=True)
     grids = torch.cat([first[g].pixels[1] for g in group_ids]).cpu()
     offsets = [0, *itertools.accumulate(visual_tokens_per_image(policy, grids))]
-    return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids, offsets=offsets)
+    return _Chunk(pixel_values, grids.to(device, non_blocking=True), grids, offsets=offsets,
+                  seconds=[video_seconds(first[g].pixels) for g in group_ids])
 
 
 def _chunk_features(
@@ -273,7 +284,7 @@ def _micro_batch_logprobs(
                                   logprobs.shape[1])
         return logprobs, mask.to(device), ref
     if plan is None:
-        plan = plan_batch(policy, _row_specs(rows), chunk.grids_cpu).to(device)
+        plan = plan_batch(policy, _row_specs(rows), chunk.grids_cpu, chunk.seconds).to(device)
     logprobs = batched_completion_logprobs(policy, plan, chunk.policy_leaf)
     ref = None
     if reference_done is not None:
@@ -290,11 +301,13 @@ def _scorer_inputs(policy: torch.nn.Module, prompt_token_ids: Sequence[int], chu
     # The term shapes where layers <= K look, not what the vision tower sees: its features stay the ones the
     # policy loss trains (with them trainable here, test accuracy fell 2.5 points in the demo).
     features = chunk.policy_leaf[start:end].detach()
-    prompt = expand_placeholders(torch.tensor([list(prompt_token_ids)]), image_token_id(policy), end - start)
+    seconds = chunk.seconds[image] if chunk.seconds else None
+    placeholder = placeholder_token_id(policy, video=seconds is not None)
+    prompt = expand_placeholders(torch.tensor([list(prompt_token_ids)]), placeholder, end - start)
     patch_count = int(chunk.grids_cpu[image].prod())
     first_patch = int(chunk.grids_cpu[:image].prod(-1).sum())
     return ScorerInputs(prompt.to(features.device), chunk.pixel_values[first_patch:first_patch + patch_count],
-                        chunk.image_grid_thw[image:image + 1], image_embeds=features)
+                        chunk.image_grid_thw[image:image + 1], image_embeds=features, video_seconds_per_grid=seconds)
 
 
 def group_kept_mass_loss(
@@ -351,7 +364,7 @@ class _ChunkPlan:
 
 def _plan_chunks(
     rows: Sequence[_Row], groups: Sequence[TrajectoryGroup], advantages: Tensor, keep: Tensor, config: StepConfig,
-    placeholder: int,
+    placeholder: int | tuple[int, ...],
 ) -> list[_ChunkPlan]:
     """Every vision chunk of the step (micro_batch_groups groups each), every row tagged with its image."""
     group_ids = sorted({row.group for row in rows})
@@ -426,7 +439,8 @@ def grpo_step(
     kept_groups = len({row.group for row in rows})
     device = next(policy.parameters()).device
     totals = _Totals.zeros(device, ("kept_mass_loss", "kept_share") if config.kept_mass_weight > 0 else ())
-    plans = _plan_chunks(rows, groups, advantages, keep, config, image_token_id(policy))
+    plans = _plan_chunks(rows, groups, advantages, keep, config,
+                         (image_token_id(policy), placeholder_token_id(policy, video=True)))
     overlap = config.reference_overlap and config.forward == "batched" and reference is not None \
         and config.loss.beta > 0
     optimizer.zero_grad(set_to_none=True)
@@ -454,7 +468,8 @@ def _chunk_step(
     batch_plans: list[BatchPlan | None] = [None] * len(micro_batches)
     reference_done: list[Future[Tensor] | None] = [None] * len(micro_batches)
     if pool is not None:  # planned up front, so the reference can run ahead
-        batch_plans = [plan_batch(policy, _row_specs([plan.rows[i] for i in indices]), chunk.grids_cpu).to(device)
+        batch_plans = [plan_batch(policy, _row_specs([plan.rows[i] for i in indices]), chunk.grids_cpu,
+                                  chunk.seconds).to(device)
                        for indices in micro_batches]
         reference_done = _reference_passes(pool, reference, chunk, batch_plans, autocast)
     with autocast():
@@ -494,7 +509,7 @@ def _filler_micro_batch(policy: torch.nn.Module, plan: _ChunkPlan, chunk: _Chunk
     adding exactly zero to every gradient."""
     row = next((row for row in plan.rows if row.rollout.completion_token_ids), plan.rows[0])
     spec = RowSpec(row.rollout.prompt_token_ids, row.rollout.completion_token_ids, row.rollout.kept_indices, row.image)
-    batch_plan = plan_batch(policy, [spec], chunk.grids_cpu).to(chunk.pixel_values.device)
+    batch_plan = plan_batch(policy, [spec], chunk.grids_cpu, chunk.seconds).to(chunk.pixel_values.device)
     (batched_completion_logprobs(policy, batch_plan, chunk.policy_leaf).sum() * 0.0).backward()
 
 

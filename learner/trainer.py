@@ -48,9 +48,15 @@ from learner.sharding import (
 )
 from learner.step import PixelCache, PixelInputs, StepConfig, grpo_step
 from services.data.loader import open_image, resolve_image
+from services.data.video import load_video
 from services.modeling import load_model_and_processor
 from services.modeling.loading import checkpoint_dtype
-from services.modeling.pruned_forward import image_inputs, visual_tokens_per_image
+from services.modeling.pruned_forward import (
+    image_inputs,
+    placeholder_token_id,
+    video_inputs,
+    visual_tokens_per_image,
+)
 from services.queues import Entry, Rejection, StreamQueue, connect_redis
 from services.schemas import DecodeError, TaskMessage, TrajectoryGroup, WeightVersion, decode, encode
 from services.settings.models import Settings
@@ -243,9 +249,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ inputs
     def _pixel_inputs(self, group: TrajectoryGroup) -> PixelInputs:
-        """Pixel values and grid of the group's task image, from the model's own image processor."""
-        image = open_image(resolve_image(Path(self.image_roots[group.task.id]), group.task.image))
-        return image_inputs(self.processor, image)  # CPU; the step moves each vision chunk once
+        """Pixel values and grid of the group's task image (a video: also its seconds per temporal slot), from the
+        model's own processor."""
+        path = resolve_image(Path(self.image_roots[group.task.id]), group.task.media)
+        if group.task.is_video:
+            return video_inputs(self.processor, load_video(path))
+        return image_inputs(self.processor, open_image(path))  # CPU; the step moves each vision chunk once
 
     def _group_problem(self, group: TrajectoryGroup) -> str | None:
         """Why a group cannot be replayed on this model, or None when it can."""
@@ -254,7 +263,7 @@ class Trainer:
         if len(group.rollouts) < 2:
             return f"group {group.group_id!r} has {len(group.rollouts)} rollout(s); GRPO needs >= 2"
         total = sum(visual_tokens_per_image(self.policy, self.pixels.get(group)[1]))
-        placeholder = int(self.policy.config.image_token_id)
+        placeholder = placeholder_token_id(self.policy, video=group.task.is_video)
         for rollout in group.rollouts:
             placeholders = rollout.prompt_token_ids.count(placeholder)
             if rollout.visual_tokens_total != total or placeholders not in (total, rollout.visual_tokens_kept):

@@ -62,7 +62,7 @@ def build_llm(model_path: Path, settings: Settings):
         max_model_len=rollout.vllm_max_model_len,
         gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
         seed=rollout.seed,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt={"image": 1, "video": 1},  # one image or one video per task
     )
 
 

@@ -26,6 +26,7 @@ from rollout_worker.budgets import assign_group_budgets
 from rollout_worker.engine import PreparedRollout, RolloutEngine, TaskInputError
 from rollout_worker.weights import WeightWatcher
 from services.data.loader import resolve_image
+from services.data.video import Video, load_video
 from services.queues import Entry, QueueFull, StreamQueue
 from services.schemas import (
     Budget,
@@ -78,6 +79,16 @@ def check_dataset_root(root: Path, allowed: Sequence[Path]) -> Path:
     if allowed and not any(root.resolve().is_relative_to(Path(base).resolve()) for base in allowed):
         raise ValueError(f"dataset_root={str(root)!r} is outside rollout.dataset_roots={[str(b) for b in allowed]}")
     return root
+
+
+def open_task_video(path: Path, max_pixels: int) -> Video:
+    """The task's video (a frame folder or a file); one whose frames are above max_pixels each is refused."""
+    video = load_video(path)
+    height, width = video.frames.shape[1:3]
+    if width * height > max_pixels:
+        raise ValueError(f"video {path} has {width}x{height} = {width * height:,}-pixel frames, above "
+                         f"rollout.max_image_pixels={max_pixels:,}")
+    return video
 
 
 def open_task_image(path: Path, max_pixels: int) -> Image.Image:
@@ -168,11 +179,15 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------------------------ stages
     def _accept(self, entry: Entry, report: BatchReport) -> _AcceptedTask | None:
-        """Decode a task entry and open its image; dead-letter it with the reason when either fails."""
+        """Decode a task entry and open its image or video; dead-letter it with the reason when either fails."""
         try:
             message = decode(TaskMessage, entry.payload, self.tasks.settings.codec)
             root = check_dataset_root(Path(message.dataset_root), self.settings.dataset_roots)
-            image = open_task_image(resolve_image(root, message.task.image), self.settings.max_image_pixels)
+            path = resolve_image(root, message.task.media)
+            if message.task.is_video:
+                image = open_task_video(path, self.settings.max_image_pixels)
+            else:
+                image = open_task_image(path, self.settings.max_image_pixels)
         except (DecodeError, ValueError, OSError) as error:
             self._dead_letter(entry, f"{type(error).__name__}: {error}", report)
             return None

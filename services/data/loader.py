@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 from pydantic import ValidationError
 
+from services.data.video import Video, load_video
 from services.schemas.models import Task
 
 MAX_REPORTED_ERRORS = 50
@@ -109,6 +110,11 @@ def load_dataset(path: str | Path, check_images: bool = True) -> list[DatasetIte
     if not items:
         raise DatasetError(jsonl_path, [f"{jsonl_path}:0: the file holds no tasks"])
     return items
+
+
+def open_media(item: DatasetItem) -> Image.Image | Video:
+    """The item's image as RGB, or its video's frames (``services.data.video.load_video``)."""
+    return load_video(item.image_path) if item.is_video else open_image(item.image_path)
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -29,6 +29,42 @@ def training_inputs(
     texts = [prompt + answer + ANSWER_END for prompt, answer in zip(prompts, answers, strict=True)]
     batch = dict(processor(text=texts, images=list(images), padding=True, padding_side="right",
                            return_tensors="pt"))
+    return _with_answer_labels(processor, batch, answers)
+
+
+def video_training_inputs(
+    model: torch.nn.Module, processor: Any, questions: Sequence[str], videos: Sequence[Any], answers: Sequence[str]
+) -> dict:
+    """``training_inputs`` for videos (``services.data.video.Video``), with explicit M-RoPE ``position_ids``.
+
+    The positions are the engine's (``video_rope_positions``), not transformers' ``get_rope_index``, which
+    places the text after a video elsewhere: a model fine-tuned on those would be served on other positions.
+    """
+    from transformers.video_utils import VideoMetadata
+
+    from services.modeling.pruned_forward import video_rope_positions
+
+    prompts = [build_prompt(processor, question, video=True) for question in questions]
+    texts = [prompt + answer + ANSWER_END for prompt, answer in zip(prompts, answers, strict=True)]
+    metadata = [VideoMetadata(total_num_frames=v.num_frames, fps=v.fps, frames_indices=list(range(v.num_frames)))
+                for v in videos]
+    batch = dict(processor(text=texts, videos=[list(v.frames) for v in videos], padding=True,
+                           padding_side="right", return_tensors="pt", videos_kwargs={"video_metadata": metadata}))
+    batch = _with_answer_labels(processor, batch, answers)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    positions = torch.zeros((3, *batch["input_ids"].shape), dtype=torch.long)
+    for row, (video, length) in enumerate(zip(videos, lengths, strict=True)):
+        row_positions = video_rope_positions(model, batch["input_ids"][row, :length], batch["video_grid_thw"][row],
+                                             video.seconds_per_grid(processor.video_processor.temporal_patch_size))
+        positions[:, row, :length] = row_positions
+        # Padding continues the count; right padding is never attended by a real token.
+        positions[:, row, length:] = row_positions.max() + 1 + torch.arange(positions.shape[2] - length)
+    batch["position_ids"] = positions
+    return batch
+
+
+def _with_answer_labels(processor: Any, batch: dict, answers: Sequence[str]) -> dict:
+    """The batch with `labels` on each row's answer tokens and closing <|im_end|> (IGNORE_INDEX elsewhere)."""
     input_ids: torch.Tensor = batch["input_ids"]
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     labels = torch.full_like(input_ids, IGNORE_INDEX)
