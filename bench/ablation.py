@@ -17,6 +17,7 @@ machine), `--variants default,group_gate --seeds 0`, or `--quick` (2 variants, 1
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="run folders, sf-eval outputs and logs (default runs/ablation-<time>; a temp dir with --quick)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the results folder's ablation.json (same split, steps and "
+                        "variant settings) and run only the missing or failed ones")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 variants, seed 0, 2 steps, 8 items")
     args = parser.parse_args(argv)
     extra: list[str] = []
@@ -133,6 +137,19 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def resumable_rows(previous: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an earlier ablation.json that this run may keep: measured on the same tuning split with the
+    same steps and budgets, each with its variant's settings unchanged. Refuses a file measured otherwise."""
+    same = ("family", "tune_seed", "tune_items", "steps", "budgets")
+    differing = [key for key in same if previous.get("config", {}).get(key) != config[key]]
+    if differing:
+        raise SystemExit(f"--resume: the earlier ablation.json differs in {differing}; run without --resume")
+    settings = {name: entry["overrides"] for name, entry in previous["config"]["variants"].items()}
+    return [row for row in previous["rows"]
+            if row["variant"] in config["variants"]
+            and settings.get(row["variant"]) == config["variants"][row["variant"]]["overrides"]]
+
+
 def write(payload: dict[str, Any], results_dir: Path) -> Path:
     """ablation.json and, once a run is done, ablation.png; rewritten after every run."""
     path = save_results("ablation", payload, results_dir)
@@ -159,8 +176,16 @@ def run(args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
                    "variants": {name: {"what": VARIANTS[name][0], "overrides": VARIANTS[name][1]}
                                 for name in args.variants}},
         "base": base, "rows": [], "failed": [], "summary": {}, "plot": "ablation.png"}
+    earlier = args.results_dir / "ablation.json"
+    if args.resume and earlier.is_file():
+        payload["rows"] = resumable_rows(json.loads(earlier.read_text()), payload["config"])
+        payload["summary"] = summarize_variants(payload["rows"])
+        phases.line(f"--resume: kept {len(payload['rows'])} run(s) from {earlier}")
+    done = {(row["variant"], row["seed"]) for row in payload["rows"]}
     for seed in args.seeds:  # seeds outer: an interrupted bench still has every variant
         for variant in args.variants:
+            if (variant, seed) in done:
+                continue
             variant_args = argparse.Namespace(steps=args.steps,
                                               overrides=[*args.extra_overrides, *VARIANTS[variant][1]])
             phases.line(f"{variant} seed {seed}: training")

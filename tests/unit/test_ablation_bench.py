@@ -49,3 +49,18 @@ def test_the_summary_spreads_each_variant_over_its_own_seeds() -> None:
     assert summary["default"]["trained_dense"]["std"] == pytest.approx(0.0282843, abs=1e-6)
     assert summary["default"]["claims_met"] == {"claim3_no_dense_damage": "1/2"}
     assert summary["no_kl"]["trained_dense"] == {"mean": 0.80, "std": 0.0, "min": 0.80, "max": 0.80}
+
+
+def _config(**changes: object) -> dict:
+    config = {"family": "scenes", "tune_seed": 7, "tune_items": 300, "steps": 40, "budgets": ["r=1"],
+              "variants": {name: {"overrides": overrides} for name, (_, overrides) in ablation.VARIANTS.items()}}
+    return config | changes
+
+
+def test_resume_keeps_only_runs_measured_the_same_way() -> None:
+    previous = {"config": _config(), "rows": [_row("default", 0, 0.9, True), _row("no_kl", 0, 0.9, True)]}
+    now = _config()
+    now["variants"] = now["variants"] | {"no_kl": {"overrides": ["learner.beta=0.5"]}}
+    assert [row["variant"] for row in ablation.resumable_rows(previous, now)] == ["default"]
+    with pytest.raises(SystemExit, match=r"differs in \['tune_items'\]"):
+        ablation.resumable_rows(previous, _config(tune_items=100))
