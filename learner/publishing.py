@@ -22,6 +22,7 @@ import torch
 from services.schemas import WeightVersion
 from services.weights import announce_weights, write_weights_version
 from services.weights.hf import checkpoint_tensors
+from services.weights.stream import keep_spare_blob
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,12 @@ def publish_policy(
 
 
 def prune_versions(weights_root: Path, keep: int) -> list[Path]:
-    """Remove all but the newest `keep` version folders; returns what was removed."""
+    """Remove all but the newest `keep` version folders; returns what was removed. The newest removed version's
+    blob stays as the root's spare when no worker links it, so the next publish writes into its pages."""
     versions = sorted(path for path in Path(weights_root).glob("v*") if path.is_dir() and path.name[1:].isdigit())
     removed = versions[:-keep] if keep > 0 else versions
+    if removed:
+        keep_spare_blob(removed[-1])
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

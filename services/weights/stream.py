@@ -6,6 +6,10 @@ and renames the folder to ``v<N>``: a reader never sees a partial version. On on
 (/dev/shm), so the bytes move once through memory; across hosts it is a shared volume that a worker pulls
 from chunk by chunk (``copy_verified_version``).
 
+The tmpfs pages of a pruned version's blob are reused for the next one (``keep_spare_blob`` when a version is
+pruned, then overwritten in place): writing into pages a tmpfs already holds is about a third cheaper than
+making it allocate and clear new ones, and the spare is taken only when no worker links the blob any more.
+
 A worker never trusts the folder between a check and a load: it hashes the bytes it has read, in its own
 memory, and compares each chunk as soon as it is complete (``verified_tensors``): what was checked is what
 is loaded, even if the folder is rewritten meanwhile. A mismatch raises WeightIntegrityError, and the caller
@@ -41,6 +45,8 @@ from services.weights.manifest import (
 )
 
 SAFETENSORS_NAME = "model.safetensors"
+# A pruned version's blob kept in the weights root so the next write reuses its pages (one at most).
+SPARE_BLOB_NAME = ".spare.safetensors"
 # Bytes moved per read/write call: small enough that the bytes just copied are still in cache when hashed.
 PIECE_BYTES = 1024 * 1024
 # Pieces handed to the hashing thread and not yet hashed: the copy runs this far ahead of the hash.
@@ -127,17 +133,54 @@ class HashPipeline:
         self._executor.shutdown(wait=True)
 
 
-def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int) -> FileDigest:
-    """Write the pieces to a new file while a second thread hashes what was just written."""
+def keep_spare_blob(folder: Path) -> bool:
+    """Move a version's blob out of a folder about to be pruned, as the weights root's spare, when nothing else
+    links it; True when kept.
+
+    The link count is read after the move: from then on the folder's name is gone, so the count can only grow
+    through links that already exist (a worker that still runs or loads that version), and such a blob is
+    dropped instead, left to its links. A reader that opened the blob without a link (the verified-copy
+    fallback) and is still reading when the spare is overwritten sees its chunk hashes fail and refuses that
+    old version; nothing unchecked is ever loaded.
+    """
+    spare = folder.parent / SPARE_BLOB_NAME
+    try:
+        os.replace(folder / SAFETENSORS_NAME, spare)
+        if os.stat(spare).st_nlink == 1:
+            return True
+        spare.unlink()
+    except OSError:  # no blob there, or not ours to move: the folder is simply removed
+        pass
+    return False
+
+
+def _claim_spare(root: Path, path: Path) -> bool:
+    """Move the weights root's spare blob to path (atomic, so one writer gets it); True when there was one."""
+    try:
+        os.replace(root / SPARE_BLOB_NAME, path)
+    except FileNotFoundError:
+        return False
+    try:
+        path.chmod(0o600)  # it was published read-only
+    except OSError:  # not ours after all: write a new file instead
+        path.unlink()
+        return False
+    return True
+
+
+def _write_hashed(path: Path, pieces: Iterator[memoryview], chunk_bytes: int, reuse: bool = False) -> FileDigest:
+    """Write the pieces to a new file (or over an existing one's bytes, with reuse, then cut to size) while a
+    second thread hashes each piece from the source as it is written."""
     pipeline, size = HashPipeline(chunk_bytes), 0
     try:
-        with path.open("xb", buffering=0) as handle:
+        with path.open("r+b" if reuse else "xb", buffering=0) as handle:
             for piece in pieces:
                 for start in range(0, len(piece), PIECE_BYTES):
                     part = piece[start:start + PIECE_BYTES]
                     handle.write(part)
                     pipeline.submit(part)
                     size += len(part)
+            handle.truncate(size)
     finally:
         digests = pipeline.finish()
     return FileDigest(size=size, chunks=digests)
@@ -164,7 +207,8 @@ def write_weights_version(
              for name in MODEL_CONFIG_FILES if (staging / name).is_file()}
     # One tensor at a time reaches host memory (a snapshot on the GPU is never copied to the host whole).
     blob_pieces = itertools.chain([memoryview(safetensors_header(tensors))], map(_raw_bytes, tensors.values()))
-    files[SAFETENSORS_NAME] = _write_hashed(staging / SAFETENSORS_NAME, blob_pieces, chunk_bytes)
+    blob = staging / SAFETENSORS_NAME
+    files[SAFETENSORS_NAME] = _write_hashed(blob, blob_pieces, chunk_bytes, reuse=_claim_spare(Path(root), blob))
     manifest = WeightManifest(chunk_bytes=chunk_bytes, files=files)
     raw = manifest.to_bytes()
     (staging / MANIFEST_NAME).write_bytes(raw)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner.publishing import publish_policy, weights_snapshot
+from learner.publishing import prune_versions, publish_policy, weights_snapshot
 from rollout_worker.weights import WeightWatcher, process_tag, worker_folder_prefix
 from services.modeling import TinyModelSpec, build_tiny_model, load_model_and_processor
 from services.queues import connect_redis
@@ -26,6 +26,7 @@ from services.weights import (
     write_weights_version,
 )
 from services.weights.hf import checkpoint_destination
+from services.weights.stream import SPARE_BLOB_NAME, link_version
 
 CHUNK = 64  # bytes: small chunks, so a test version spans many of them
 
@@ -224,3 +225,45 @@ def test_folders_of_dead_workers_are_removed_so_their_links_free_the_memory(tmp_
     assert live.exists() and not dead.exists()
     assert (Path(v1.uri) / "model.safetensors").stat().st_nlink == 3  # the learner's, live's, this watcher's
     watcher.close()
+
+
+def test_a_pruned_blob_nothing_links_is_overwritten_by_the_next_version(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    v1 = write(root, 1, 1.0)
+    first_inode = (Path(v1.uri) / "model.safetensors").stat().st_ino
+    write(root, 2, 2.0)
+    assert prune_versions(root, 1) == [Path(v1.uri)]
+    assert (root / SPARE_BLOB_NAME).stat().st_ino == first_inode and not Path(v1.uri).exists()
+    layers = {"generator": torch.full((2, 2), 3.0)}  # smaller than the spare: the rest is cut off
+    v3 = write_weights_version(layers, root, 3, chunk_bytes=CHUNK)
+    blob = Path(v3.uri) / "model.safetensors"
+    assert blob.stat().st_ino == first_inode and not (root / SPARE_BLOB_NAME).exists()
+    assert not blob.stat().st_mode & 0o222  # read-only again once published
+    assert torch.equal(dict(verified_tensors(v3))["generator"], layers["generator"])
+    assert load_file(str(blob)).keys() == {"generator"}  # a plain safetensors file of exactly its tensors
+    assert sorted(path.name for path in root.iterdir()) == ["v000002", "v000003"]
+
+
+def test_a_pruned_blob_a_worker_still_links_is_never_overwritten(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    v1 = write(root, 1, 1.0)
+    running = link_version(v1, tmp_path / "worker-v1")  # a worker that still runs v1 (its rollback target)
+    write(root, 2, 2.0)
+    prune_versions(root, 1)
+    assert not (root / SPARE_BLOB_NAME).exists()
+    write(root, 3, 3.0)
+    destination = {name: torch.zeros_like(tensor) for name, tensor in tensors(0.0).items()}
+    load_verified_into(running, destination)  # the worker's links still hold v1, verified
+    assert float(destination["generator"].mean()) == 1.0
+
+
+def test_a_reader_without_a_link_sees_a_recycled_blob_fail_its_check(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    v1 = write(root, 1, 1.0)
+    reading = verified_tensors(v1)  # opens the blob without linking it (the verified-copy fallback does so)
+    assert next(reading)[0] == "generator"
+    write(root, 2, 2.0)
+    prune_versions(root, 1)
+    write(root, 3, 3.0)  # written over v1's pages while the reader is part-way through them
+    with pytest.raises(WeightIntegrityError, match="does not match"):
+        list(reading)
