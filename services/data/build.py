@@ -45,14 +45,14 @@ class SplitSizes(BaseModel):
 
 def _generate(
     family: str, seed: int, name: str, count: int, scene_spec: SceneSpec | None, digit_spec: DigitGridSpec | None,
-    pool: str,
+    pool: str, video_spec: MovingDigitSpec | None = None,
 ):
     """The family's item generator for split or part `name`, seeded by (seed, name, family)."""
     rng = np.random.default_rng(split_seed(seed, name, _FAMILY_SALT[family]))
     if family == "scenes":
         return generate_scenes(rng, scene_spec or SceneSpec(), name, count)
     if family == "video":
-        return generate_moving_digits(rng, MovingDigitSpec(), name, count, pool=pool)
+        return generate_moving_digits(rng, video_spec or MovingDigitSpec(), name, count, pool=pool)
     return generate_digit_grids(rng, digit_spec or DigitGridSpec(), name, count, pool=pool)
 
 
@@ -64,6 +64,7 @@ def build_family(
     scene_spec: SceneSpec | None = None,
     digit_spec: DigitGridSpec | None = None,
     splits: tuple[str, ...] = SPLITS,
+    video_spec: MovingDigitSpec | None = None,
 ) -> dict[str, Path]:
     """Generate the requested splits of one family into out_dir/<family>/; return split -> JSONL path.
 
@@ -77,7 +78,7 @@ def build_family(
     for split in splits:
         count = getattr(sizes, split)
         pool = "train" if split == RL_SPLIT else split
-        items = _generate(family, seed, split, count, scene_spec, digit_spec, pool=pool)
+        items = _generate(family, seed, split, count, scene_spec, digit_spec, pool=pool, video_spec=video_spec)
         written[split] = write_split(items, family_dir, split, total=count, label=family)
     return written
 

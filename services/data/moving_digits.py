@@ -6,7 +6,8 @@ of visual tokens and, at the frame folder's 2 frames per second, one second. Que
 
 - ``when``: "At which step is the digit in row r, column c?" -> the step, counting from 1;
 - ``where_row`` / ``where_column``: "In which row (column) is the digit at step k?" -> the row (column);
-- ``which``: "Which digit moves across the grid?" -> the digit.
+- ``which``: "Which digit moves across the grid?" -> the digit;
+- ``path`` (training only): "Where is the digit at each step?" -> "12 22 21 11" (row and column per step).
 
 The frames carry the digit grids' position tint, so a from-scratch vision tower can tell cells apart.
 """
@@ -24,7 +25,9 @@ from services.data.layout import CellContent, GeneratedItem, Layout, cell_words,
 from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
-QUESTION_KINDS: tuple[str, ...] = ("when", "where_row", "where_column", "which")
+QUESTION_KINDS: tuple[str, ...] = ("when", "where_row", "where_column", "which", "path")
+# "path" asks for every step's cell at once ("12 22 21 11": row then column, step by step): dense supervision for
+# SFT's train mix, as "read_grid" is for the digit grids; the default (evaluation) mix asks single questions.
 FAMILY = "video"
 
 
@@ -84,6 +87,9 @@ def ask_question(rng: np.random.Generator, kind: str, path: list[int], label: in
         return f"In which column is the digit at step {step + 1}?", str(column + 1)
     if kind == "which":
         return "Which digit moves across the grid?", str(label)
+    if kind == "path":
+        cells = [divmod(cell, grid_size) for cell in path]
+        return "Where is the digit at each step?", " ".join(f"{r + 1}{c + 1}" for r, c in cells)
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
 
 
@@ -101,8 +107,9 @@ def generate_moving_digits(
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         question, answer = ask_question(rng, kind, path, int(pool_labels[chosen]), spec.grid_size)
         task_id = f"{FAMILY}-{split}-{index:06d}"
+        answer_type = AnswerType.EXACT if kind == "path" else AnswerType.NUMBER
         task = Task(id=task_id, video=f"videos/{split}/{task_id}", question=question, answer=answer,
-                    answer_type=AnswerType.NUMBER)
+                    answer_type=answer_type)
         cells = [CellContent(row=cell // spec.grid_size, column=cell % spec.grid_size, digit=int(pool_labels[chosen]))
                  for cell in path]
         layout = Layout(id=task_id, cells_per_side=spec.grid_size, cell_pixels=spec.cell_pixels, cells=cells)

@@ -143,3 +143,14 @@ def test_the_moving_digit_family_builds_frame_folders_whose_answers_the_frames_s
             assert str(layout.cells[0].digit) == answer
         kinds.add(question.split()[2])
     assert kinds == {"step", "row", "column", "moves"}
+
+
+def test_the_path_question_spells_every_steps_cell() -> None:
+    from services.data.moving_digits import MovingDigitSpec, generate_moving_digits
+
+    spec = MovingDigitSpec(question_mix={"path": 1.0})
+    for task, frames, layout in generate_moving_digits(np.random.default_rng(1), spec, "train", 5):
+        assert task.question == "Where is the digit at each step?" and task.answer_type.value == "exact"
+        assert task.answer == " ".join(f"{cell.row + 1}{cell.column + 1}" for cell in layout.cells)
+        visited = [_ink_cell(np.asarray(frame), spec.grid_size) for frame in frames[::spec.frames_per_step]]
+        assert task.answer == " ".join(f"{r + 1}{c + 1}" for r, c in visited)
