@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +41,16 @@ EVALUATOR = ("sf-eval's evaluator (learner.evaluate.ModelEvaluator): greedy answ
 def fresh_dir_for(seed: int) -> Path:
     """Where the base report's fresh splits of one seed are generated (git-ignored; reused while their recipe holds)."""
     return REPO / ".cache" / "fresh-splits" / f"seed{seed}"
+
+
+def publish_base_model(report: dict[str, Any], staging: Path, out: Path, started: float) -> dict[str, Any]:
+    """Close a base-model build: its total time into the report, eval_report.json into the staged folder, and the
+    staged folder swapped in for `out` (a half-built model never replaces a working one)."""
+    report["timing_s"]["total"] = round(time.perf_counter() - started, 1)
+    (staging / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    return report
 
 
 def split_report(evaluator: Any, items: Sequence[DatasetItem], budgets: Sequence[Budget], max_new_tokens: int,

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.base_eval import REPORT_BUDGETS, SETTINGS_FILES, evaluate_base, fresh_dir_for, print_summary
+from learner.base_eval import (
+    REPORT_BUDGETS,
+    SETTINGS_FILES,
+    evaluate_base,
+    fresh_dir_for,
+    print_summary,
+    publish_base_model,
+)
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
 from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
@@ -308,11 +315,7 @@ def run(config: SFTConfig) -> dict:
     report["eval"] = evaluate_base(staging, config.data_dir, load_settings(SETTINGS_FILES),
                                    parse_budgets(config.eval_budgets), fresh_dir_for(config.fresh_seed),
                                    config.fresh_seed, config.fresh_items)
-    report["timing_s"]["total"] = round(time.perf_counter() - started, 1)
-    (staging / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(config.out, ignore_errors=True)
-    staging.replace(config.out)
-    return report
+    return publish_base_model(report, staging, config.out, started)
 
 
 def main(argv: list[str] | None = None) -> None:

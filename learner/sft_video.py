@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.base_eval import REPORT_BUDGETS, SETTINGS_FILES, evaluate_base, fresh_dir_for, print_summary
+from learner.base_eval import (
+    REPORT_BUDGETS,
+    SETTINGS_FILES,
+    evaluate_base,
+    fresh_dir_for,
+    print_summary,
+    publish_base_model,
+)
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
 from learner.progress import ChunkProgress
@@ -141,11 +148,7 @@ def run(config: VideoSFTConfig) -> dict:
         report["eval"] = evaluate_base(staging, config.data_dir, load_settings(SETTINGS_FILES),
                                        parse_budgets(config.eval_budgets), fresh_dir_for(FRESH_SEED), FRESH_SEED,
                                        config.fresh_items, families=(FAMILY,))
-    report["timing_s"]["total"] = round(time.perf_counter() - started, 1)
-    (staging / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(config.out, ignore_errors=True)
-    staging.replace(config.out)
-    return report
+    return publish_base_model(report, staging, config.out, started)
 
 
 def main(argv: list[str] | None = None) -> None:
