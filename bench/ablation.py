@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +27,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from common import RESULTS_DIR, print_table, save_results
-from fidelity import Phases, sf_eval, train
+from fidelity import Phases, run_in_work_dir, sf_eval, train
 
-from learner.fidelity import ROW_METRICS, fidelity_row
+from learner.fidelity import fidelity_row, summarize
 from learner.fresh_split import fresh_split
 from services.data.build import RL_ITEMS, RL_SPLIT, prepare_rl_split
 
@@ -84,25 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     args.extra_overrides = extra
     return args
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample std, min and max over seeds."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-def summarize_variants(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: the spread over seeds of each named value and how many runs met each claim."""
-    summary: dict[str, Any] = {}
-    for variant in dict.fromkeys(row["variant"] for row in rows):
-        runs = [row for row in rows if row["variant"] == variant]
-        entry: dict[str, Any] = {"seeds": [row["seed"] for row in runs]}
-        entry |= {key: spread([row[key] for row in runs]) for key in ROW_METRICS}
-        entry["claims_met"] = {name: f"{sum(row['claims'][name]['met'] for row in runs)}/{len(runs)}"
-                               for name in runs[0]["claims"]}
-        summary[variant] = entry
-    return summary
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -179,7 +157,7 @@ def run(args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
     earlier = args.results_dir / "ablation.json"
     if args.resume and earlier.is_file():
         payload["rows"] = resumable_rows(json.loads(earlier.read_text()), payload["config"])
-        payload["summary"] = summarize_variants(payload["rows"])
+        payload["summary"] = summarize(payload["rows"], by="variant")
         phases.line(f"--resume: kept {len(payload['rows'])} run(s) from {earlier}")
     done = {(row["variant"], row["seed"]) for row in payload["rows"]}
     for seed in args.seeds:  # seeds outer: an interrupted bench still has every variant
@@ -201,7 +179,7 @@ def run(args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
                 row = {"variant": variant, **fidelity_row(FAMILY, seed, base_rows, rows),
                        "steps": trained["steps"], "train_minutes": trained["train_minutes"]}
                 payload["rows"].append(row)
-                payload["summary"] = summarize_variants(payload["rows"])
+                payload["summary"] = summarize(payload["rows"], by="variant")
                 phases.line(f"{variant} seed {seed}: " + ", ".join(f"{key} {row[key]:.3f}" for key in TABLE_METRICS))
             write(payload, args.results_dir)
     return payload
@@ -221,15 +199,9 @@ def print_summary(payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; write the JSON and the plot."""
     args = parse_args(argv)
-    phases = Phases()
+    phases = Phases("ablation")
     phases.line(f"variants {args.variants}, seeds {args.seeds}, tuning split seed {args.tune_seed}")
-    if args.work_dir is None and args.quick:
-        with tempfile.TemporaryDirectory(prefix="ablation-") as temporary:
-            payload = run(args, Path(temporary), phases)
-    else:
-        work = args.work_dir or ROOT / "runs" / time.strftime("ablation-%Y%m%d-%H%M%S")
-        phases.line(f"work folder {work}")
-        payload = run(args, work, phases)
+    payload = run_in_work_dir("ablation", args, run, phases)
     path = write(payload, args.results_dir)
     if payload["rows"]:
         print_summary(payload)

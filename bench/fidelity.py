@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Phases:
     """One progress line per phase, with the time since the bench started."""
 
-    def __init__(self) -> None:
+    def __init__(self, bench: str = "fidelity") -> None:
+        self.bench = bench
         self.started = time.monotonic()
 
     def line(self, text: str) -> None:
-        """Print `[fidelity +M:SS] text`."""
+        """Print `[<bench> +M:SS] text`."""
         elapsed = int(time.monotonic() - self.started)
-        print(f"[fidelity +{elapsed // 60}:{elapsed % 60:02d}] {text}", flush=True)
+        print(f"[{self.bench} +{elapsed // 60}:{elapsed % 60:02d}] {text}", flush=True)
 
 
 def run_logged(command: list[str], log_path: Path, timeout_s: float) -> int:
@@ -239,6 +241,17 @@ def run(args: argparse.Namespace, work: Path, phases: Phases) -> dict[str, Any]:
     return payload
 
 
+def run_in_work_dir(name: str, args: argparse.Namespace,
+                    run: Callable[[argparse.Namespace, Path, Phases], dict[str, Any]], phases: Phases) -> dict[str, Any]:
+    """Run a bench in --work-dir; without one, in a temporary folder for --quick, else in runs/<name>-<time>."""
+    if args.work_dir is None and args.quick:
+        with tempfile.TemporaryDirectory(prefix=f"{name}-") as temporary:
+            return run(args, Path(temporary), phases)
+    work = args.work_dir or ROOT / "runs" / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    phases.line(f"work folder {work}")
+    return run(args, work, phases)
+
+
 SHORT_NAMES = {"base_dense": "base dense", "base_r025": "base r=.25", "trained_dense": "trained dense",
                "trained_r025": "trained r=.25", "trained_tau0975_accuracy": "trained τ=.975 acc",
                "trained_tau0975_reduction": "trained τ=.975 red", "base_tau0975_reduction": "base τ=.975 red"}
@@ -262,13 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     phases = Phases()
     phases.line(f"families {args.families}, seeds {args.seeds}, fresh split seed {args.eval_seed}")
-    if args.work_dir is None and args.quick:
-        with tempfile.TemporaryDirectory(prefix="fidelity-") as temporary:
-            payload = run(args, Path(temporary), phases)
-    else:
-        work = args.work_dir or ROOT / "runs" / time.strftime("fidelity-%Y%m%d-%H%M%S")
-        phases.line(f"work folder {work}")
-        payload = run(args, work, phases)
+    payload = run_in_work_dir("fidelity", args, run, phases)
     path = write(payload, args)
     if payload["rows"]:
         print_rows(payload)

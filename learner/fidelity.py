@@ -87,21 +87,23 @@ def fidelity_row(family: str, seed: int, base_rows: Sequence[dict[str, Any]],
     return row
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std, min and max of one value over seeds."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per family: mean, sample std, min and max over seeds of each named value, and how many runs met each claim."""
+def summarize(rows: Sequence[dict[str, Any]], by: str = "family") -> dict[str, Any]:
+    """Per value of `by` (a family, or an ablation's variant): mean, sample std, min and max over seeds of each
+    named value, and how many runs met each claim."""
     summary: dict[str, Any] = {}
-    for family in dict.fromkeys(row["family"] for row in rows):
-        runs = [row for row in rows if row["family"] == family]
+    for group in dict.fromkeys(row[by] for row in rows):
+        runs = [row for row in rows if row[by] == group]
         entry: dict[str, Any] = {"seeds": [row["seed"] for row in runs]}
-        entry |= {key: _spread([row[key] for row in runs]) for key in ROW_METRICS}
+        entry |= {key: spread([row[key] for row in runs]) for key in ROW_METRICS}
         entry["claims_met"] = {
             name: (f"{sum(row['claims'][name]['met'] for row in runs)}/{len(runs)}"
                    if runs[0]["claims"][name]["applies"] else "n/a")
             for name in runs[0]["claims"]}
-        summary[family] = entry
+        summary[group] = entry
     return summary

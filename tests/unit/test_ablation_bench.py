@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import ablation
 
 from learner.demo import DEFAULT_CONFIGS
+from learner.fidelity import ROW_METRICS, summarize
 from services.settings import load_settings
 
 
@@ -35,14 +36,14 @@ def test_unknown_variants_are_refused_by_name(capsys: pytest.CaptureFixture[str]
 
 
 def _row(variant: str, seed: int, dense: float, met: bool) -> dict:
-    values = dict.fromkeys(ablation.ROW_METRICS, 0.5) | {"trained_dense": dense}
+    values = dict.fromkeys(ROW_METRICS, 0.5) | {"trained_dense": dense}
     return {"variant": variant, "seed": seed, **values,
             "claims": {"claim3_no_dense_damage": {"applies": True, "met": met}}}
 
 
 def test_the_summary_spreads_each_variant_over_its_own_seeds() -> None:
     rows = [_row("default", 0, 0.90, True), _row("no_kl", 0, 0.80, False), _row("default", 1, 0.94, False)]
-    summary = ablation.summarize_variants(rows)
+    summary = summarize(rows, by="variant")
     assert list(summary) == ["default", "no_kl"]
     assert summary["default"]["seeds"] == [0, 1]
     assert summary["default"]["trained_dense"]["mean"] == pytest.approx(0.92)
