@@ -1,7 +1,7 @@
 """The combined reward r = w_acc*acc + lambda*eff*credit + mu*format, with every component kept.
 
-credit is the answer's own accuracy (efficiency_gate 'rollout', the default: pruning never pays for being wrong)
-or the best accuracy in the rollout's group ('group', the paper's gate: C = 1 when any rollout is correct).
+credit is the best accuracy in the rollout's group (efficiency_gate 'group', the paper's gate and the default: C = 1
+when any rollout is correct) or the answer's own accuracy ('rollout': pruning never pays for being wrong).
 """
 
 from __future__ import annotations

@@ -72,10 +72,11 @@ class RewardSettings(StrictModel):
     )
     format_weight: float = Field(0.0, ge=0, description="mu: weight of the optional format reward.")
     efficiency_gate: Literal["rollout", "group"] = Field(
-        "rollout",
-        description="What the efficiency reward is scaled by: the rollout's own answer credit ('rollout': a wrong "
-        "answer earns none), or the best credit in its group ('group': the paper's C = 1 when any rollout of the "
-        "group is correct; items carry their group in ScoreItem.group).",
+        "group",
+        description="What the efficiency reward is scaled by: the best credit in the rollout's group ('group', the "
+        "paper's C = 1 when any rollout of the group is correct; items carry their group in ScoreItem.group), or the "
+        "rollout's own answer credit ('rollout': a wrong answer earns none). 'group' measured better in "
+        "bench/ablation.py (README: the paper's options, measured).",
     )
     number_rel_tolerance: float = Field(1e-6, ge=0, description="Relative tolerance of number answers.")
     number_abs_tolerance: float = Field(1e-9, ge=0, description="Absolute tolerance of number answers.")

@@ -131,7 +131,8 @@ def _yes_no_item(completion: str, kept: int, group: str | None) -> ScoreItem:
 
 
 def test_group_gate_pays_efficiency_to_wrong_rollouts_of_a_group_with_a_correct_one() -> None:
-    weights = RewardSettings(efficiency_weight=0.5, efficiency_gate="group")
+    assert RewardSettings().efficiency_gate == "group"  # the default since bench/ablation.py measured it better
+    weights = RewardSettings(efficiency_weight=0.5)
     items = [_yes_no_item("yes", 50, "g1"), _yes_no_item("no", 20, "g1"),  # g1: one right -> C = 1 for both
              _yes_no_item("no", 20, "g2"), _yes_no_item("no", 10, "g2"),   # g2: none right -> C = 0
              _yes_no_item("no", 20, None)]                                 # no group: its own credit
@@ -140,7 +141,7 @@ def test_group_gate_pays_efficiency_to_wrong_rollouts_of_a_group_with_a_correct_
 
 
 def test_rollout_gate_pays_efficiency_only_to_correct_answers_whatever_the_group() -> None:
-    weights = RewardSettings(efficiency_weight=0.5)
+    weights = RewardSettings(efficiency_weight=0.5, efficiency_gate="rollout")
     items = [_yes_no_item("yes", 50, "g1"), _yes_no_item("no", 20, "g1")]
     assert [result.total for result in score_items(items, weights)] == pytest.approx([1.25, 0.0])
     assert [result.total for result in score_items(items, weights)] == [score_item(item, weights).total
