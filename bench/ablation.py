@@ -10,8 +10,8 @@ Writes bench/results/ablation.json (every run's row with the fidelity bench's va
 variant the mean and spread over seeds) and bench/results/ablation.png (per variant, the mean accuracy at
 keep 0.25 and dense, and the reduction at tau = 0.975, with the seeds' spread), rewritten after every run.
 
-Run: `.venv/bin/python bench/ablation.py` (6 variants x 3 seeds x 40 steps: about 50 min on a quiet 2-core
-machine), `--variants default,group_gate --seeds 0`, or `--quick` (2 variants, 1 seed, 2 steps, 8 items).
+Run: `.venv/bin/python bench/ablation.py` (6 variants x 3 seeds x 40 steps: about 55 min on a quiet 2-core
+machine), `--variants default,rollout_gate --seeds 0`, or `--quick` (2 variants, 1 seed, 2 steps, 8 items).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ RATIO_BUDGETS = "[" + ", ".join(f"{{kind: keep_ratio, value: {value}}}"
 
 # name -> (what it tests, settings overrides on top of the demo configuration)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "default": ("the demo configuration: per-rollout gate, kept-set term 1, beta 0.04, the paper's eight tau", []),
-    "group_gate": ("the paper's per-group efficiency gate (C = 1 when any rollout of the group is correct)",
-                   ["reward_server.rewards.efficiency_gate=group"]),
+    "default": ("the demo configuration: per-group efficiency gate, kept-set term 1, beta 0.04, the paper's eight tau",
+                []),
+    "rollout_gate": ("the per-rollout efficiency gate (a wrong answer earns none; the default before this ablation)",
+                     ["reward_server.rewards.efficiency_gate=rollout"]),
     "no_kept_term": ("GRPO alone: the kept-set term off", ["learner.kept_mass_weight=0"]),
     "kept_term_x3": ("the kept-set term at weight 3", ["learner.kept_mass_weight=3"]),
     "no_kl": ("no KL penalty (beta 0, no reference model)", ["learner.beta=0"]),
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     extra: list[str] = []
     if args.quick:
-        args.variants, args.seeds, args.tune_items, args.steps = "default,group_gate", "0", 8, 2
+        args.variants, args.seeds, args.tune_items, args.steps = "default,rollout_gate", "0", 8, 2
         extra = ["learner.groups_per_step=2", "rollout.group_size=4"]
     args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in args.variants if name not in VARIANTS]
