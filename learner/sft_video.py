@@ -7,7 +7,7 @@ every weight with teacher forcing on the answer tokens (dense video tokens, the 
 ``services.modeling.batching.video_training_inputs``), saves the checkpoint with the base's processor, and
 writes eval_report.json whose "eval" section comes from the one evaluator (learner/base_eval.py: sf-eval's
 pruned rollout path on vLLM, judged by the reward server's checkers) on the video family's val, test and a
-fresh test split, at every report budget. Sized for one CPU core in about ten minutes (`--threads 1`).
+fresh test split, at every report budget. Sized for one CPU core: about 30 minutes (`--threads 1`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class VideoSFTConfig(BaseModel):
     val_items: int = Field(100, ge=1, description="Items of the video val split.")
     test_items: int = Field(200, ge=1, description="Items of the video test split.")
     batch_size: int = Field(16, ge=1, description="Training batch size.")
-    steps: int = Field(400, ge=1, description="Optimizer steps.")
+    steps: int = Field(1500, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay to 5%).")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 on the shared 2-core box).")
