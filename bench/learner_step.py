@@ -14,7 +14,10 @@ round so that the machine's noise hits all of them alike:
     batched, GRPO only (kept_mass_weight 0)   the new path without the kept-set term
 
 The first two carry the kept-set term (kept_mass_weight 1.0, the text_attention scorer at layer 2: the demo's
-default), so the third, against the second, is the term's cost. The first round warms up and is not counted.
+default), so the third, against the second, is the term's cost. Two more conditions time dense groups (the same
+tasks recorded at keep 1.0 G times, as GRPO without pruning and bench/vs_trl.py's dense side run): the batched
+path with one batch row per rollout (share_prompts off), and with each group's shared prompt computed once
+(share_prompts on, the default). The first round warms up and is not counted.
 
 Memory: a background thread samples the process's resident set (psutil) every 5 ms during each timed step;
 the figure is the peak above the resident set just before the step. Freed memory is handed back to the OS
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import statistics
 import sys
@@ -41,6 +45,7 @@ sys.path.insert(0, str(REPO))
 import psutil
 import torch
 from common import RESULTS_DIR, print_table, save_results
+from tqdm import tqdm
 
 from learner.algorithms import LossConfig
 from learner.recorded import record_groups
@@ -49,10 +54,12 @@ from services.data.build import prepare_rl_split
 from services.data.loader import load_dataset, open_image
 from services.modeling import load_model_and_processor
 from services.modeling.pruned_forward import image_inputs
+from services.schemas import Budget
 from services.settings.models import paper_budgets
 from services.sparsity.scorers import build_scorer
 
 OLD, NEW, GRPO_ONLY = "per-rollout (old path)", "batched (new path)", "batched, GRPO only (kept_mass_weight 0)"
+DENSE_ROWS, DENSE_SHARED = "dense groups, a row per rollout", "dense groups, shared prompts"
 SAMPLE_EVERY_S = 0.005
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # The bundled train split is not committed: a fresh clone generates it (seeded), as the learner would.
     items = load_dataset(prepare_rl_split(args.tasks))[:groups_per_step]
     groups = record_groups(policy, processor, items, paper_budgets())
+    dense_groups = record_groups(policy, processor, items, [Budget(kind="keep_ratio", value=1.0)] * len(groups[0].rollouts))
     images = {item.task.id: item.image_path for item in items}
     group_size = len(groups[0].rollouts)
 
@@ -120,41 +128,48 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     scorer = build_scorer("text_attention", 2)
     loss = LossConfig(beta=0.04)
+    batched = functools.partial(StepConfig, loss=loss, micro_batch_groups=4, micro_batch_tokens=16_384,
+                                forward="batched", scorer=scorer)
     conditions = {
-        OLD: StepConfig(loss=loss, micro_batch_groups=4, forward="per_rollout", kept_mass_weight=1.0, scorer=scorer),
-        NEW: StepConfig(loss=loss, micro_batch_groups=4, micro_batch_tokens=16_384, forward="batched",
-                        kept_mass_weight=1.0, scorer=scorer),
-        GRPO_ONLY: StepConfig(loss=loss, micro_batch_groups=4, micro_batch_tokens=16_384, forward="batched",
-                              kept_mass_weight=0.0, scorer=scorer),
+        OLD: (StepConfig(loss=loss, micro_batch_groups=4, forward="per_rollout", kept_mass_weight=1.0, scorer=scorer),
+              groups),
+        NEW: (batched(kept_mass_weight=1.0), groups),
+        GRPO_ONLY: (batched(kept_mass_weight=0.0), groups),
+        DENSE_ROWS: (batched(kept_mass_weight=1.0, share_prompts=False), dense_groups),
+        DENSE_SHARED: (batched(kept_mass_weight=1.0, share_prompts=True), dense_groups),
     }
+    baseline = {OLD: OLD, NEW: OLD, GRPO_ONLY: OLD, DENSE_ROWS: DENSE_ROWS, DENSE_SHARED: DENSE_ROWS}
     seconds: dict[str, list[float]] = {name: [] for name in conditions}
     peak_mb: dict[str, list[float]] = {name: [] for name in conditions}
     metrics: dict[str, list[dict[str, float]]] = {name: [] for name in conditions}
-    for _ in range(reps + 1):  # the first round warms up and is not counted
-        for name, config in conditions.items():
+    for _ in tqdm(range(reps + 1), desc="rounds (the first warms up)", disable=None):
+        for name, (config, step_groups) in conditions.items():
             _release_freed_memory()
             with PeakRss() as rss:
                 started = time.perf_counter()
-                step = grpo_step(policy, reference, optimizer, scheduler, groups, pixels, config)
+                step = grpo_step(policy, reference, optimizer, scheduler, step_groups, pixels, config)
                 seconds[name].append(time.perf_counter() - started)
             peak_mb[name].append(rss.growth_mb)
             metrics[name].append(step)
 
-    old_mean = statistics.mean(seconds[OLD][1:])
+    means = {name: statistics.mean(seconds[name][1:]) for name in conditions}
     table, results = [], []
-    for name, config in conditions.items():
+    for name, (config, _groups) in conditions.items():
         timed, peaks = seconds[name][1:], peak_mb[name][1:]
-        mean = statistics.mean(timed)
         spread = statistics.stdev(timed) if len(timed) > 1 else 0.0
-        table.append([name, mean, spread, mean / old_mean, max(peaks)])
-        results.append(_result(name, config, timed, peaks, metrics[name][1:], mean, spread, old_mean))
-    speedup = old_mean / statistics.mean(seconds[NEW][1:])
+        ratio = means[name] / means[baseline[name]]
+        table.append([name, means[name], spread, f"{ratio:.2f} ({baseline[name]})", max(peaks)])
+        results.append(_result(name, config, timed, peaks, metrics[name][1:], means[name], spread,
+                               baseline[name], ratio))
+    speedup = means[OLD] / means[NEW]
+    shared_speedup = means[DENSE_ROWS] / means[DENSE_SHARED]
     print_table(f"learner step, {groups_per_step} groups x G={group_size}, {args.threads} thread(s), {reps} reps",
-                ["condition", "step s", "± s", "× old path", "peak MB above start"], table)
-    print(f"speedup new vs old: {speedup:.2f}x")
+                ["condition", "step s", "± s", "× baseline", "peak MB above start"], table)
+    print(f"speedup new vs old: {speedup:.2f}x; dense groups, shared prompts vs a row per rollout: "
+          f"{shared_speedup:.2f}x")
     path = save_results("learner_step", {
         "groups_per_step": groups_per_step, "group_size": group_size, "reps": reps, "threads": args.threads,
-        "speedup_new_vs_old": speedup, "memory": "peak RSS above the pre-step RSS, sampled every 5 ms (psutil)",
+        "speedup_new_vs_old": speedup, "speedup_shared_prompts_dense": shared_speedup, "memory": "peak RSS above the pre-step RSS, sampled every 5 ms (psutil)",
         "results": results,
     }, args.results_dir)
     print(f"saved {path}")
@@ -162,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _result(name: str, config: StepConfig, timed: list[float], peaks: list[float], steps: list[dict[str, float]],
-            mean: float, spread: float, old_mean: float) -> dict[str, Any]:
+            mean: float, spread: float, baseline: str, ratio: float) -> dict[str, Any]:
     """One condition's JSON row: its knobs, times, memory, and the step's loss (to see the paths agree)."""
     return {
         "condition": name, "forward": config.forward, "micro_batch_groups": config.micro_batch_groups,
         "micro_batch_tokens": config.micro_batch_tokens, "kept_mass_weight": config.kept_mass_weight,
-        "step_s_mean": mean, "step_s_std": spread, "ratio_to_old_path": mean / old_mean, "step_s": timed,
+        "share_prompts": config.share_prompts, "step_s_mean": mean, "step_s_std": spread, "baseline": baseline,
+        "ratio_to_baseline": ratio, "step_s": timed,
         "peak_rss_mb_above_start_max": max(peaks), "peak_rss_mb_above_start_median": statistics.median(peaks),
         "peak_rss_mb_above_start": peaks,
         "loss_mean": statistics.mean(step["loss"] for step in steps),

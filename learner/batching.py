@@ -6,7 +6,7 @@ No model, no I/O. Rows are group-major: the rollouts of group 0, then those of g
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -88,6 +88,30 @@ def token_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[in
         else:
             batches.append([index])
     return batches
+
+
+def shared_prompt_micro_batches(
+    units: Sequence[Hashable], prompt_lengths: Sequence[int], completion_lengths: Sequence[int], max_tokens: int,
+) -> list[list[int]]:
+    """Row indices cut into micro-batches of at most max_tokens padded tokens, rows of one unit kept together.
+
+    Rows with equal ``units`` keys share one batch row (their prompt once, then each completion), so a unit
+    costs its prompt plus all its completions; a unit longer than max_tokens is split, one row at least a part.
+    Give every row its own key for one batch row per rollout.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for index, unit in enumerate(units):
+        members.setdefault(unit, []).append(index)
+    parts: list[list[int]] = []
+    for rows in members.values():
+        parts.append([])
+        for index in rows:
+            packed = prompt_lengths[rows[0]] + sum(completion_lengths[i] for i in parts[-1]) + completion_lengths[index]
+            if parts[-1] and packed > max_tokens:
+                parts.append([])
+            parts[-1].append(index)
+    lengths = [prompt_lengths[part[0]] + sum(completion_lengths[i] for i in part) for part in parts]
+    return [[index for part in batch for index in parts[part]] for batch in token_micro_batches(lengths, max_tokens)]
 
 
 def _mean(values: Sequence[float]) -> float:

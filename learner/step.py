@@ -33,13 +33,20 @@ import torch
 from torch import Tensor
 
 from learner.algorithms import LossConfig, StdKind, grpo_loss, kept_mass_loss, row_token_weights
-from learner.batching import micro_batches, pad_rows, rollout_input_ids, step_advantages, token_micro_batches
+from learner.batching import (
+    micro_batches,
+    pad_rows,
+    rollout_input_ids,
+    shared_prompt_micro_batches,
+    step_advantages,
+)
 from learner.sharding import collective_device, grad_norm_value, sum_gradients
 from services.modeling.batched_forward import (
     BatchPlan,
     RowSpec,
     batched_completion_logprobs,
     plan_batch,
+    shared_prompts_supported,
 )
 from services.modeling.pruned_forward import (
     expand_placeholders,
@@ -88,6 +95,9 @@ class StepConfig:
     # Run the frozen reference's passes on a second thread while this one runs the policy's (batched forward):
     # on a CPU with a core to spare they overlap; on a GPU both queue on one stream, so there is nothing to gain.
     reference_overlap: bool = False
+    # Rollouts of a group with one keep set share one batch row: their pruned prompt once, then each completion
+    # (services.modeling.batched_forward). Off by itself where the decoder's attention takes no custom mask.
+    share_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.kept_mass_weight < 0:
@@ -284,7 +294,7 @@ def _micro_batch_logprobs(
                                   logprobs.shape[1])
         return logprobs, mask.to(device), ref
     if plan is None:
-        plan = plan_batch(policy, _row_specs(rows), chunk.grids_cpu, chunk.seconds).to(device)
+        plan = plan_batch(policy, _row_specs(rows), chunk.grids_cpu, chunk.seconds, config.share_prompts).to(device)
     logprobs = batched_completion_logprobs(policy, plan, chunk.policy_leaf)
     ref = None
     if reference_done is not None:
@@ -375,9 +385,14 @@ def _plan_chunks(
         chunk_rows = [row for row in rows if row.group in image_of]
         for row in chunk_rows:
             row.image = image_of[row.group]
-        lengths = [pruned_length(row.rollout, placeholder) for row in chunk_rows]
-        batches = [indices for indices in token_micro_batches(lengths, config.micro_batch_tokens)
-                   if sum(len(chunk_rows[i].rollout.completion_token_ids) for i in indices) > 0]
+        completions = [len(row.rollout.completion_token_ids) for row in chunk_rows]
+        prompts = [pruned_length(row.rollout, placeholder) - length for row, length in zip(chunk_rows, completions)]
+        # A group's rollouts with one keep set ran one pruned prompt (plan_batch checks it before sharing a row).
+        units = [(row.group, tuple(row.rollout.kept_indices)) if config.share_prompts else row.index
+                 for row in chunk_rows]
+        batches = [indices for indices in shared_prompt_micro_batches(units, prompts, completions,
+                                                                       config.micro_batch_tokens)
+                   if sum(completions[i] for i in indices) > 0]
         plan = _ChunkPlan(chunk_rows, [group_ids[i] for i in chunk], batches)
         if config.kept_mass_weight > 0 and config.scorer is not None:
             for image, g in enumerate(plan.groups):
@@ -427,6 +442,8 @@ def grpo_step(
             raise ValueError(f"world_size={world_size} needs a policy sharded by learner.sharding.shard_policy")
         if config.forward != "batched":
             raise ValueError(f"a sharded step runs forward='batched' only, got {config.forward!r}")
+    if config.share_prompts and not shared_prompts_supported(policy):
+        config = dataclasses.replace(config, share_prompts=False)
     advantages, keep, zero_variance = step_advantages(
         groups, std=config.adv_std, eps=config.adv_eps, drop_zero_variance=config.drop_zero_variance
     )
@@ -469,7 +486,7 @@ def _chunk_step(
     reference_done: list[Future[Tensor] | None] = [None] * len(micro_batches)
     if pool is not None:  # planned up front, so the reference can run ahead
         batch_plans = [plan_batch(policy, _row_specs([plan.rows[i] for i in indices]), chunk.grids_cpu,
-                                  chunk.seconds).to(device)
+                                  chunk.seconds, config.share_prompts).to(device)
                        for indices in micro_batches]
         reference_done = _reference_passes(pool, reference, chunk, batch_plans, autocast)
     with autocast():

@@ -94,6 +94,7 @@ def step_config(settings: Settings) -> StepConfig:
         scorer=build_scorer(settings.sparsity.scorer, settings.sparsity.scorer_layer),
         compute_dtype=getattr(torch, cfg.dtype),
         reference_overlap=(cfg.device == "cpu") if cfg.reference_overlap is None else cfg.reference_overlap,
+        share_prompts=cfg.share_prompts,
     )
 
 

@@ -190,6 +190,12 @@ class LearnerSettings(StrictModel):
         16_384, ge=1, description="Padded tokens (rows x longest pruned row) per batched LLM forward/backward; "
         "bounds activation memory whatever G is (a longer row runs alone).",
     )
+    share_prompts: bool = Field(
+        True, description="A group's rollouts with one keep set (every rollout of a dense group; repeated budgets) "
+        "share one batch row: the pruned prompt once, then each completion under a block mask. Same log-probs, "
+        "the prompt computed once instead of G times. Needs eager or SDPA decoder attention (off by itself "
+        "otherwise).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's and vision block's activations in the backward "
         "(less memory, about a third more compute).",

@@ -55,11 +55,13 @@ def test_learner_step_bench_quick_mode_times_all_conditions(tmp_path: Path) -> N
     result = run_quick_bench("bench/learner_step.py", tmp_path, timeout=300)
     written = json.loads((tmp_path / "learner_step.json").read_text())
     assert [row["condition"] for row in written["results"]] == [
-        "per-rollout (old path)", "batched (new path)", "batched, GRPO only (kept_mass_weight 0)"]
+        "per-rollout (old path)", "batched (new path)", "batched, GRPO only (kept_mass_weight 0)",
+        "dense groups, a row per rollout", "dense groups, shared prompts"]
     assert all(row["step_s_mean"] > 0 and len(row["step_s"]) == 2 and row["peak_rss_mb_above_start_max"] >= 0
                for row in written["results"])
-    assert written["results"][0]["ratio_to_old_path"] == 1.0 and written["speedup_new_vs_old"] > 0
-    assert "× old path" in result.stdout
+    assert [row["ratio_to_baseline"] for row in written["results"][::3]] == [1.0, 1.0]
+    assert written["speedup_new_vs_old"] > 0 and written["speedup_shared_prompts_dense"] > 0
+    assert "× baseline" in result.stdout and "shared prompts vs a row per rollout" in result.stdout
 
 
 def test_gpu_learner_bench_quick_mode_runs_every_section_on_toy_shapes(tmp_path: Path) -> None:

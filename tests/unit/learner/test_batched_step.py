@@ -132,6 +132,68 @@ def test_batched_step_takes_the_per_rollout_step(recorded: tuple, normalization:
         torch.testing.assert_close(change, reference_update[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.fixture(scope="module")
+def repeated_budgets(recorded: tuple) -> list:
+    """Groups whose budgets repeat (dense three times, keep 0.5 twice): rollouts that share a pruned prompt."""
+    model, _groups, _pixels = recorded
+    budgets = [Budget(kind="keep_ratio", value=value) for value in (1.0, 0.5, 1.0, 0.25, 0.5, 1.0)]
+    return record_groups(model, load_model_and_processor(MODEL)[1], load_dataset(TASKS)[:2], budgets)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rows_give_each_rollouts_logprobs_and_gradients(
+    recorded: tuple, repeated_budgets: list, attention: str
+) -> None:
+    model, _groups, pixels = recorded
+    policy = copy.deepcopy(model)
+    policy.model.language_model.config._attn_implementation = attention
+    rows, pixel_values, grids = _rows_and_images(repeated_budgets, pixels)
+    shared_plan = plan_batch(policy, rows, grids, share_prompts=True)
+    assert shared_plan.input_ids.shape[0] == 6 and shared_plan.rows == 12  # 3 keep sets x 2 images
+    assert shared_plan.padded_tokens < plan_batch(policy, rows, grids).padded_tokens / 1.5
+    weights = torch.linspace(-1.0, 1.0, len(rows))[:, None]
+    results = []
+    for share in (False, True):
+        policy.zero_grad()
+        logprobs, mask = rows_completion_logprobs(policy, rows, pixel_values, grids, share_prompts=share)
+        (logprobs * mask * weights).sum().backward()
+        results.append((logprobs.detach(), mask, {n: p.grad.clone() for n, p in policy.named_parameters()
+                                                    if p.grad is not None}))
+    (alone, alone_mask, alone_grads), (shared, shared_mask, shared_grads) = results
+    assert torch.equal(alone_mask, shared_mask)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == alone_grads.keys()
+    for name, gradient in shared_grads.items():
+        torch.testing.assert_close(gradient, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompts_need_an_attention_that_takes_a_mask(recorded: tuple, repeated_budgets: list) -> None:
+    model, _groups, pixels = recorded
+    policy = copy.deepcopy(model)
+    policy.model.language_model.config._attn_implementation = "flash_attention_2"
+    rows, _pixel_values, grids = _rows_and_images(repeated_budgets, pixels)
+    with pytest.raises(ValueError, match="eager or sdpa"):
+        plan_batch(policy, rows, grids, share_prompts=True)
+    assert plan_batch(policy, rows, grids).attention_mask is None
+
+
+def test_a_step_over_shared_prompts_takes_the_per_rollout_step(recorded: tuple, repeated_budgets: list) -> None:
+    model, _groups, pixels = recorded
+    knobs = {"kept_mass_weight": 1.0, "grad_clip": 1e9}
+    reference_metrics, reference_update = _step(model, repeated_budgets, pixels, forward="per_rollout", **knobs)
+    dense = [r for r in repeated_budgets[0].rollouts if r.budget.value == 1.0]
+    prompt = plan_batch(model, _rows_and_images(repeated_budgets[:1], pixels)[0][:1], pixels.get(
+        repeated_budgets[0])[1]).lengths[0] - len(dense[0].completion_token_ids)
+    # Room for a dense prompt and two completions: the third dense rollout goes to a part of its own.
+    two_of_three = prompt + len(dense[0].completion_token_ids) + len(dense[1].completion_token_ids)
+    for tokens in (16_384, two_of_three):
+        metrics, update = _step(model, repeated_budgets, pixels, micro_batch_tokens=tokens, **knobs)
+        for name in ("loss", "policy_loss", "kl_penalty", "kept_mass_loss", "tokens", "rows"):
+            assert metrics[name] == pytest.approx(reference_metrics[name], abs=1e-6), name
+        for name, change in update.items():
+            torch.testing.assert_close(change, reference_update[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_packed_vision_attention_matches_per_window_attention(recorded: tuple) -> None:
     model, groups, pixels = recorded
     packed = copy.deepcopy(model)

@@ -11,6 +11,7 @@ from learner.batching import (
     micro_batches,
     pad_rows,
     rollout_statistics,
+    shared_prompt_micro_batches,
     step_advantages,
     token_micro_batches,
 )
@@ -132,3 +133,17 @@ def test_rollout_statistics_split_accuracy_and_reduction_by_budget() -> None:
     assert stats["accuracy_by_budget"] == {"r=0.5": 1.0, "r=1": 0.0}
     assert stats["reduction_ratio_by_budget"] == {"r=0.5": 0.75, "r=1": 0.75}
     assert stats["accuracy"] == 0.5 and stats["reward_total"] == 0.5 and stats["completion_length"] == 2.5
+
+
+def test_shared_prompt_micro_batches_keep_units_together_and_split_the_long_ones() -> None:
+    units = ["a", "b", "a", "c", "a", "b"]
+    prompts = [10, 6, 10, 4, 10, 6]
+    completions = [2, 3, 2, 1, 2, 3]
+    # a: 10 + 2 + 2 + 2 = 16, b: 6 + 3 + 3 = 12, c: 5; 20 tokens take one unit of each length class.
+    assert shared_prompt_micro_batches(units, prompts, completions, 20) == [[0, 2, 4], [1, 5], [3]]
+    assert shared_prompt_micro_batches(units, prompts, completions, 40) == [[0, 2, 4, 1, 5], [3]]
+    # 13 tokens: a prompt of a and two completions (14) do not fit, so a splits into three parts; b (12) fits.
+    assert shared_prompt_micro_batches(units, prompts, completions, 13) == [[0], [2], [4], [1, 5], [3]]
+    # One key per row: the rows' own micro-batches, as token_micro_batches cuts them.
+    lengths = [p + c for p, c in zip(prompts, completions, strict=True)]
+    assert shared_prompt_micro_batches(range(6), prompts, completions, 20) == token_micro_batches(lengths, 20)
