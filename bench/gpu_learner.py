@@ -4,7 +4,8 @@ Needs only torch, transformers (5.17 or newer) and pure-Python wheels (pydantic)
 the GPU in bf16 (or fp32 master weights), so it runs where no checkpoint can be downloaded. Sections:
   a. one GRPO step (`learner.step.grpo_step`) on the 3B shape at G = 8, one 1344x1008 image per group, budgets
      {1, .5, .25, .125} x 2, fp32 master weights with bf16 autocast, a bf16 frozen reference and AdamW: step time,
-     peak memory and MFU; the old per-rollout path at G = 4 beside it, in the same run;
+     peak memory and MFU; the same step with one batch row per rollout (no shared prompts), and the old
+     per-rollout path at G = 4 beside it, in the same run;
   b. the 7B pruned forward+backward at keep 1 / .5 / .25 / .125: one group (vision tower once, G = 8 rollouts
      batched, as the learner runs it) and one rollout alone (vision tower included);
   c. bf16 update survival: after one AdamW step at lr 1e-5, the share of weights with a non-zero gradient that
@@ -14,7 +15,9 @@ FLOP model (per sequence forward; a training pass counts 3x, the reference 1x):
   vision  = 2*P_patch_embed*patches + 2*P_blocks*patches + 4*hidden_v*sum_blocks(sum_windows |w|^2) + 2*P_merger*patches/4
   llm     = 2*P_decoder*L' + 2*layers*L'^2*heads*head_dim          (causal: half of 4*L'^2*d per layer)
   lm_head = 2*D*V*C                                                 (completion rows only, as the code runs it)
-  step    = 4*vision per group + sum over rollouts of 4*(llm + lm_head)
+  step    = 4*vision per group + sum over batch rows of 4*(llm + lm_head); a batch row is a rollout, or with
+            shared prompts (learner.share_prompts, the default) the rollouts of a group with one keep set:
+            L' = their pruned prompt + all their completions, counted once
   MFU = step FLOPs / step seconds / 790e12 (H200 dense bf16); padding rows are not counted as useful FLOPs.
 Run: `python bench/gpu_learner.py` (writes bench/results/gpu_learner.json); `--tiny` runs toy shapes on any device,
 `--quick` (tiny, one repeat) is the test suite's smoke run.
@@ -229,16 +232,21 @@ def flop_model(model: torch.nn.Module, grid: torch.Tensor) -> dict[str, Any]:
             "windows": max(len(block) for block in segments)}
 
 
-def step_flops(flops: dict[str, Any], groups: list[TrajectoryGroup], placeholder: int) -> float:
-    """4*vision per group + 4*(llm + lm_head) per rollout (policy fwd+bwd = 3 forwards, reference = 1)."""
+def step_flops(flops: dict[str, Any], groups: list[TrajectoryGroup], placeholder: int, share_prompts: bool) -> float:
+    """4*vision per group + 4*(llm + lm_head) per batch row: a rollout, or, sharing prompts, the rollouts of a
+    group with one keep set (their prompt once, then every completion)."""
     from learner.step import pruned_length
 
     total = 0.0
     for group in groups:
         total += 4 * flops["vision"]
-        for rollout in group.rollouts:
-            total += 4 * (flops["llm"](pruned_length(rollout, placeholder))
-                          + flops["lm_head"](len(rollout.completion_token_ids)))
+        units: dict[tuple[int, ...], list[int]] = {}
+        for index, rollout in enumerate(group.rollouts):
+            units.setdefault(tuple(rollout.kept_indices) if share_prompts else (index,), []).append(index)
+        for members in units.values():
+            completions = [len(group.rollouts[i].completion_token_ids) for i in members]
+            prompt = pruned_length(group.rollouts[members[0]], placeholder) - completions[0]
+            total += 4 * (flops["llm"](prompt + sum(completions)) + flops["lm_head"](sum(completions)))
     return total
 
 
@@ -278,7 +286,7 @@ def grpo_step_section(args: argparse.Namespace, device: torch.device, out: dict[
         except torch.OutOfMemoryError as error:
             section[name] = {"oom": True, "error": str(error)[:300]}
             return
-        useful = step_flops(flops, groups, IMAGE_TOKEN)
+        useful = step_flops(flops, groups, IMAGE_TOKEN, config.share_prompts and config.forward == "batched")
         rollouts = sum(len(g.rollouts) for g in groups)
         section[name] = {
             "group_size": group_size, "groups": len(groups), "knobs": {k: str(v) for k, v in knobs.items()},
@@ -291,6 +299,10 @@ def grpo_step_section(args: argparse.Namespace, device: torch.device, out: dict[
 
     # Each condition's optimizer state dies with its call; free() returns the memory before the next one.
     run_condition("batched_G8", 8, micro_batch_groups=1, micro_batch_tokens=args.micro_batch_tokens)
+    free(device)
+    # The budgets repeat (x2), so shared prompts halve the LLM rows; this is the step without them.
+    run_condition("batched_G8_row_per_rollout", 8, micro_batch_groups=1, micro_batch_tokens=args.micro_batch_tokens,
+                  share_prompts=False)
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     free(device)
