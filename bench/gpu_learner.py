@@ -232,7 +232,9 @@ def flop_model(model: torch.nn.Module, grid: torch.Tensor) -> dict[str, Any]:
             "windows": max(len(block) for block in segments)}
 
 
-def step_flops(flops: dict[str, Any], groups: list[TrajectoryGroup], placeholder: int, share_prompts: bool) -> float:
+def step_flops(
+    flops: dict[str, Any], groups: list[TrajectoryGroup], placeholder: int, share_prompts: bool
+) -> float:
     """4*vision per group + 4*(llm + lm_head) per batch row: a rollout, or, sharing prompts, the rollouts of a
     group with one keep set (their prompt once, then every completion)."""
     from learner.step import pruned_length
@@ -301,8 +303,8 @@ def grpo_step_section(args: argparse.Namespace, device: torch.device, out: dict[
     run_condition("batched_G8", 8, micro_batch_groups=1, micro_batch_tokens=args.micro_batch_tokens)
     free(device)
     # The budgets repeat (x2), so shared prompts halve the LLM rows; this is the step without them.
-    run_condition("batched_G8_row_per_rollout", 8, micro_batch_groups=1, micro_batch_tokens=args.micro_batch_tokens,
-                  share_prompts=False)
+    run_condition("batched_G8_row_per_rollout", 8, micro_batch_groups=1,
+                  micro_batch_tokens=args.micro_batch_tokens, share_prompts=False)
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     free(device)
