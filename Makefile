@@ -14,8 +14,8 @@ test: setup  ## lint, then the whole test suite (unit, integration, e2e); set-up
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: .venv/bin/python  ## the inner loop: unit tests and the integration tests that start no vLLM, Ray or benchmark
-	$(PY) -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
+test-fast: setup  ## the inner loop: unit tests and the integration tests that start no vLLM, Ray or benchmark (two workers)
+	$(PY) -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS)
 
 test-faults: .venv/bin/python  ## the fault-injection suite alone: kill -9 / restart each service mid-run, tamper a weight blob, feed bad task lines; prints the ledger table (about 7 min)
 	$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)

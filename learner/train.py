@@ -17,6 +17,7 @@ from pathlib import Path
 
 from learner.model_card import run_folder, write_run_card
 from learner.progress import StepProgress, planned_steps
+from services.model_folders import ModelFolderMissing, check_model_folder
 from services.queues import InsecureRedisError, connect_redis
 from services.settings import add_settings_arguments, settings_document, settings_from_args
 from services.settings.models import Settings
@@ -40,6 +41,8 @@ def run_training(
     rank: int = 0, world_size: int = 1,
 ) -> dict[str, object]:
     """Build the trainer, serve /metrics if configured, train, and return the run summary."""
+    # Where the model loads (this process or a Ray actor), before seconds of torch imports.
+    check_model_folder(settings.learner.model_path or settings.rollout.model_path)
     from transformers.utils import logging as transformers_logging
 
     from learner.trainer import Trainer  # torch/transformers load here, inside the actor, not in the driver
@@ -193,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if settings.learner.use_ray:
                 summary = run_in_ray(settings, args.resume, on_step)
             else:
-                summary = run_training(settings, args.resume, on_step=on_step)
+                try:
+                    summary = run_training(settings, args.resume, on_step=on_step)
+                except ModelFolderMissing as error:
+                    print(f"sf-train: cannot start: {error}", file=sys.stderr)
+                    return 2
     write_run_card(settings)
     print(json.dumps({"summary": summary}), flush=True)
     return 0

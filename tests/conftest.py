@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support import RedisServer
 
 from services.settings import RedisSettings
+
+
+_MODULE_MARKS = re.compile(r"^pytestmark = (.+)$", re.MULTILINE)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Skip importing a test module that ``-m "not M and ..."`` deselects whole (its ``pytestmark`` carries M).
+
+    Collection imports every module, marks or not: without this, ``make test-fast`` spent seconds importing
+    vLLM for modules whose every test it then deselects.
+    """
+    excluded = {part.strip()[len("not "):].strip() for part in config.option.markexpr.split(" and ")
+                if part.strip().startswith("not ")}
+    if not excluded or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    found = _MODULE_MARKS.search(collection_path.read_text(encoding="utf-8"))
+    marks = set(re.findall(r"pytest\.mark\.(\w+)", found.group(1))) if found else set()
+    return True if marks & excluded else None
 
 
 @pytest.fixture(scope="session")

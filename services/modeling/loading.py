@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from services.model_folders import check_model_folder
 from services.modeling.vision_attention import VISION_ATTENTION_MODES, use_packed_vision_attention
-
-REQUIRED_FILES = ("config.json",)
 
 
 def load_model_and_processor(
@@ -24,10 +23,7 @@ def load_model_and_processor(
     """
     if vision_attention not in VISION_ATTENTION_MODES:
         raise ValueError(f"vision_attention must be one of {VISION_ATTENTION_MODES}, got {vision_attention!r}")
-    folder = Path(path)
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a model folder: missing {', '.join(missing)}")
+    folder = check_model_folder(path)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
     model.eval()
     if vision_attention == "packed":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import redis
@@ -14,6 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.settings.models import RedisSettings
+
+T = TypeVar("T")
 
 
 class InsecureRedisError(RuntimeError):
@@ -80,6 +84,21 @@ def answers_without_credentials(url: str, options: dict[str, object], retries: i
     return False
 
 
+class RetryUnlessRefused(Retry):
+    """redis-py's Retry, except that a refused login fails at once: redis-py's AuthenticationError is a
+    ConnectionError, so a plain Retry would back off through every retry before saying the password is wrong."""
+
+    def call_with_retry(
+        self, do: Callable[[], T], fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None, with_failure_count: bool = False,
+    ) -> T:
+        """Retry ``do`` as Retry does, never on an authentication error."""
+        def retryable(error: Exception) -> bool:
+            return not isinstance(error, AuthenticationError) and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def connect_redis(settings: RedisSettings) -> redis.Redis:
     """A Redis client that retries with jittered exponential backoff when the connection drops.
 
@@ -87,7 +106,7 @@ def connect_redis(settings: RedisSettings) -> redis.Redis:
     unless `redis.insecure_local` (the --insecure-local flag) allows a throw-away Redis on loopback.
     """
     check_redis_security(settings)
-    retry = Retry(
+    retry = RetryUnlessRefused(
         ExponentialWithJitterBackoff(cap=settings.retry_backoff_cap_s, base=0.05),
         retries=settings.connect_retries,
     )

@@ -50,10 +50,11 @@ def test_the_learner_refuses_to_start_against_it_unless_told_insecure_local(open
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 2 and "refusing to start" in refused.stderr, refused.stderr[-2000:]
     assert "--insecure-local" in refused.stderr
-    # With the flag the learner goes past the check and fails later, on the missing model: not a refusal.
+    # With the flag the learner goes past the check and stops on the missing model, with its own message.
     allowed = subprocess.run([*command, "--insecure-local", "--set", "learner.model_path=/nonexistent"], cwd=REPO,
                              capture_output=True, text=True, timeout=120, check=False)
-    assert allowed.returncode != 0 and "refusing to start" not in allowed.stderr
+    assert allowed.returncode == 2 and "refusing to start" not in allowed.stderr, allowed.stderr[-2000:]
+    assert "cannot start: /nonexistent is not a model folder: no such directory" in allowed.stderr
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,13 @@
 
 import pytest
 from pydantic import SecretStr
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.queues import InsecureRedisError, check_redis_security, is_loopback_host
-from services.queues.connection import without_credentials
+from services.queues.connection import RetryUnlessRefused, without_credentials
 from services.settings import RedisSettings
 
 
@@ -54,3 +57,27 @@ def test_insecure_local_accepts_the_ipv6_loopback() -> None:
     check_redis_security(RedisSettings(url="redis://[::1]:6379/0", insecure_local=True))
     with pytest.raises(InsecureRedisError, match="loopback"):
         check_redis_security(RedisSettings(url="redis://[2001:db8::7]:6379/0", insecure_local=True))
+
+
+def test_a_refused_login_is_not_retried_but_a_dropped_connection_is() -> None:
+    retry = RetryUnlessRefused(NoBackoff(), retries=5)
+    calls, failures = [], []
+
+    def refused() -> None:
+        calls.append("login")
+        raise AuthenticationError("invalid username-password pair")
+
+    # redis-py's AuthenticationError is a ConnectionError: a plain Retry would try six times.
+    assert issubclass(AuthenticationError, RedisConnectionError)
+    with pytest.raises(AuthenticationError):
+        retry.call_with_retry(refused, failures.append)
+    assert calls == ["login"] and failures == []
+
+    def dropped_twice() -> str:
+        calls.append("ping")
+        if calls.count("ping") < 3:
+            raise RedisConnectionError("connection reset")
+        return "PONG"
+
+    assert retry.call_with_retry(dropped_twice, failures.append) == "PONG"
+    assert calls.count("ping") == 3 and len(failures) == 2
