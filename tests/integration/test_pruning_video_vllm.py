@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_model import base_model_folder, vllm_engine_on  # noqa: F401
 
 from services.data.video import Video
-from services.modeling import build_prompt, build_tiny_model, load_model_and_processor
+from services.modeling import build_prompt, load_model_and_processor
 from services.modeling.batched_forward import RowSpec, replay_logprobs, rows_completion_logprobs
 from services.modeling.pruned_forward import pruned_completion_logits, video_inputs
 from services.rollout.pruned import PrunedRequest, pruned_rollouts
@@ -29,8 +30,6 @@ from services.sparsity.scorers import TextAttentionScorer
 vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.heavy  # starts vLLM: not in make test-fast
 
-REPO = Path(__file__).resolve().parents[2]
-TRAINED_TINY = REPO / "assets" / "tiny-qwen25vl"
 BUDGETS = [Budget(kind="keep_ratio", value=r) for r in (1.0, 0.5, 0.25, 0.125)] + [
     Budget(kind="mass_threshold", value=0.94)
 ]
@@ -58,10 +57,8 @@ def _video(index: int) -> Video:
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if (TRAINED_TINY / "config.json").is_file():
-        return TRAINED_TINY
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen25vl"))
+def model_folder(base_model_folder: Path) -> Path:  # noqa: F811
+    return base_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +68,8 @@ def hf(model_folder: Path) -> tuple:
 
 @pytest.fixture(scope="module")
 def llm(model_folder: Path) -> Iterator:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        engine = vllm.LLM(model=str(model_folder), **ENGINE_ARGS)
+    with vllm_engine_on(model_folder, **ENGINE_ARGS) as engine:
         yield engine
-        engine.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
