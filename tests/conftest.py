@@ -16,7 +16,6 @@ from support import RedisServer
 
 from services.settings import RedisSettings
 
-
 _MODULE_MARKS = re.compile(r"^pytestmark = (.+)$", re.MULTILINE)
 
 
