@@ -12,10 +12,10 @@ setup:  ## create .venv, install vLLM (cpu by default; FLAVOR=gpu for CUDA), red
 
 test: setup  ## lint, then the whole test suite (unit, integration, e2e); set-up is a no-op when up to date
 	$(PY) -m ruff check .
-	@# The light tests on two workers, then the ones that start vLLM, Ray or a benchmark one at a time (exit 5: none
-	@# selected, e.g. PYTEST_ARGS names a light file only).
+	@# The light tests on two workers, then the ones that start vLLM, Ray or a benchmark one at a time, their 20
+	@# slowest listed (exit 5: none selected, e.g. PYTEST_ARGS names a light file only).
 	$(PY) -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -m "slow or heavy" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "slow or heavy" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: setup  ## the inner loop: unit tests and the integration tests that start no vLLM, Ray or benchmark (two workers)
 	$(PY) -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS)
