@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     # The bundled train split is not committed: a fresh clone generates it (seeded), as the learner would.
     items = load_dataset(prepare_rl_split(args.tasks))[:groups_per_step]
     groups = record_groups(policy, processor, items, paper_budgets())
-    dense_groups = record_groups(policy, processor, items, [Budget(kind="keep_ratio", value=1.0)] * len(groups[0].rollouts))
-    images = {item.task.id: item.image_path for item in items}
     group_size = len(groups[0].rollouts)
+    dense_groups = record_groups(policy, processor, items, [Budget(kind="keep_ratio", value=1.0)] * group_size)
+    images = {item.task.id: item.image_path for item in items}
 
     pixels = PixelCache(lambda group: image_inputs(processor, open_image(images[group.task.id])))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-8)  # the weights barely move: every step is alike
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{shared_speedup:.2f}x")
     path = save_results("learner_step", {
         "groups_per_step": groups_per_step, "group_size": group_size, "reps": reps, "threads": args.threads,
-        "speedup_new_vs_old": speedup, "speedup_shared_prompts_dense": shared_speedup, "memory": "peak RSS above the pre-step RSS, sampled every 5 ms (psutil)",
+        "speedup_new_vs_old": speedup, "speedup_shared_prompts_dense": shared_speedup,
+        "memory": "peak RSS above the pre-step RSS, sampled every 5 ms (psutil)",
         "results": results,
     }, args.results_dir)
     print(f"saved {path}")

@@ -103,14 +103,16 @@ def shared_prompt_micro_batches(
     for index, unit in enumerate(units):
         members.setdefault(unit, []).append(index)
     parts: list[list[int]] = []
+    lengths: list[int] = []  # each part's packed tokens: its prompt once plus its completions
     for rows in members.values():
         parts.append([])
+        lengths.append(prompt_lengths[rows[0]])
         for index in rows:
-            packed = prompt_lengths[rows[0]] + sum(completion_lengths[i] for i in parts[-1]) + completion_lengths[index]
-            if parts[-1] and packed > max_tokens:
+            if parts[-1] and lengths[-1] + completion_lengths[index] > max_tokens:
                 parts.append([])
+                lengths.append(prompt_lengths[rows[0]])
             parts[-1].append(index)
-    lengths = [prompt_lengths[part[0]] + sum(completion_lengths[i] for i in part) for part in parts]
+            lengths[-1] += completion_lengths[index]
     return [[index for part in batch for index in parts[part]] for batch in token_micro_batches(lengths, max_tokens)]
 
 
