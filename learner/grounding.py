@@ -101,3 +101,20 @@ def attention_mass_loss(attention: torch.Tensor, input_ids: torch.Tensor, labels
         mass = attention[row, :heads, query, visual_positions[mask]].sum(dim=-1)
         losses.append(-torch.log(mass.clamp_min(1e-6)).mean())
     return torch.stack(losses).mean() if losses else None
+
+
+def video_answer_token_mask(layout: Layout, grid_thw: Sequence[int], step: int, cell: tuple[int, int]) -> torch.Tensor:
+    """(slots * rows * columns,) True for the merged visual tokens that show ``cell`` at ``step`` of a video.
+
+    grid_thw: the processor's patch grid (temporal slots, h, w) before the 2x2 merge; layout.cells holds one
+    entry per step, and each step spans the same number of temporal slots.
+    """
+    slots, (token_rows, token_columns) = int(grid_thw[0]), token_grids(torch.tensor([list(grid_thw)]))[0]
+    steps = len(layout.cells)
+    if slots % steps:
+        raise ValueError(f"{slots} temporal slots do not split evenly into the layout's {steps} steps")
+    in_cell = torch.tensor([token_cell == cell for token_cell in token_cells(layout, token_rows, token_columns)])
+    per_step = slots // steps
+    in_step = torch.zeros(slots, dtype=torch.bool)
+    in_step[step * per_step:(step + 1) * per_step] = True
+    return (in_step[:, None] & in_cell[None, :]).flatten()

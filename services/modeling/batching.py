@@ -42,8 +42,6 @@ def video_training_inputs(
     """
     from transformers.video_utils import VideoMetadata
 
-    from services.modeling.pruned_forward import video_rope_positions
-
     prompts = [build_prompt(processor, question, video=True) for question in questions]
     texts = [prompt + answer + ANSWER_END for prompt, answer in zip(prompts, answers, strict=True)]
     metadata = [VideoMetadata(total_num_frames=v.num_frames, fps=v.fps, frames_indices=list(range(v.num_frames)))
@@ -51,16 +49,49 @@ def video_training_inputs(
     batch = dict(processor(text=texts, videos=[list(v.frames) for v in videos], padding=True,
                            padding_side="right", return_tensors="pt", videos_kwargs={"video_metadata": metadata}))
     batch = _with_answer_labels(processor, batch, answers)
+    temporal_patch = processor.video_processor.temporal_patch_size
+    batch["position_ids"] = _video_position_ids(model, batch, batch["video_grid_thw"],
+                                                [video.seconds_per_grid(temporal_patch) for video in videos])
+    return batch
+
+
+def cached_video_training_inputs(
+    model: torch.nn.Module, processor: Any, questions: Sequence[str], answers: Sequence[str],
+    features: Sequence[torch.Tensor], grid_thw: torch.Tensor, seconds_per_grid: float,
+) -> dict:
+    """``video_training_inputs`` on visual tokens computed before (a frozen vision tower): ``inputs_embeds``.
+
+    features[b]: (visual tokens, hidden) of row b's video, all of one patch grid ``grid_thw`` (3,). The batch
+    also holds ``input_ids`` for callers that locate tokens; pop it before ``model(**batch)``.
+    """
+    video_token = processor.video_token
+    texts = [build_prompt(processor, question, video=True).replace(video_token, video_token * len(tokens))
+             + answer + ANSWER_END for question, answer, tokens in zip(questions, answers, features, strict=True)]
+    batch = dict(processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt",
+                                     add_special_tokens=False))
+    batch = _with_answer_labels(processor, batch, answers)
+    batch["position_ids"] = _video_position_ids(model, batch, grid_thw.expand(len(texts), 3),
+                                                [seconds_per_grid] * len(texts))
+    embeddings = model.get_input_embeddings()(batch["input_ids"])
+    placeholders = (batch["input_ids"] == model.config.video_token_id).unsqueeze(-1)
+    batch["inputs_embeds"] = embeddings.masked_scatter(placeholders, torch.cat(list(features)).to(embeddings.dtype))
+    return batch
+
+
+def _video_position_ids(model: torch.nn.Module, batch: dict, grid_thw: torch.Tensor,
+                        seconds_per_grid: Sequence[float]) -> torch.Tensor:
+    """(3, B, L) M-RoPE positions of right-padded one-video rows: the engine's rule, padding counting on."""
+    from services.modeling.pruned_forward import video_rope_positions
+
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     positions = torch.zeros((3, *batch["input_ids"].shape), dtype=torch.long)
-    for row, (video, length) in enumerate(zip(videos, lengths, strict=True)):
-        row_positions = video_rope_positions(model, batch["input_ids"][row, :length], batch["video_grid_thw"][row],
-                                             video.seconds_per_grid(processor.video_processor.temporal_patch_size))
+    for row, length in enumerate(lengths):
+        row_positions = video_rope_positions(model, batch["input_ids"][row, :length], grid_thw[row],
+                                             seconds_per_grid[row])
         positions[:, row, :length] = row_positions
         # Padding continues the count; right padding is never attended by a real token.
         positions[:, row, length:] = row_positions.max() + 1 + torch.arange(positions.shape[2] - length)
-    batch["position_ids"] = positions
-    return batch
+    return positions
 
 
 def _with_answer_labels(processor: Any, batch: dict, answers: Sequence[str]) -> dict:
