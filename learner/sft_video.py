@@ -68,7 +68,7 @@ class VideoSFTConfig(BaseModel):
     val_items: int = Field(100, ge=1, description="Items of the video val split.")
     test_items: int = Field(200, ge=1, description="Items of the video test split.")
     batch_size: int = Field(16, ge=1, description="Training batch size.")
-    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    steps: int = Field(1500, ge=0, description="Stage 1 optimizer steps (every weight); 0 skips stage 1.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay to 5%).")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 on the shared 2-core box).")

@@ -126,8 +126,8 @@ def test_the_video_recipe_grounds_a_base_that_had_stage_one_and_keeps_its_lineag
                                val_items=2, test_items=2, batch_size=2, steps=2, grounding_steps=0, evaluate=False)
     first = run(stage_one)
     assert "grounding" not in first and first["final_loss"] > 0
-    grounded = run(stage_one.model_copy(update={"base": stage_one.out, "out": tmp_path / "stage2", "steps": 0,
-                                                "grounding_steps": 3, "grounding_batch_size": 2}))
+    grounded = run(VideoSFTConfig(**{**stage_one.model_dump(), "base": stage_one.out, "out": tmp_path / "stage2",
+                                     "steps": 0, "grounding_steps": 3, "grounding_batch_size": 2}))
     assert grounded["final_loss"] is None  # no stage 1 this time
     assert set(grounded["grounding"]["val_teacher_forced"]["after"]) == {"when", "where_row", "where_column", "which"}
     assert grounded["base_recipe"]["config"]["steps"] == 2  # where the base came from
