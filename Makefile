@@ -41,7 +41,7 @@ base-model: .venv/bin/python  ## rebuild the bundled tiny base model (SFT on the
 base-eval: .venv/bin/python  ## re-evaluate the bundled base model (committed and fresh test splits, sf-eval's evaluator) and rewrite its eval_report.json, without retraining
 	$(PY) -m learner.base_eval --model assets/tiny-qwen25vl
 
-video-model: .venv/bin/python  ## fine-tune the bundled base model on the moving-digit videos (learner/sft_video.py) into assets/tiny-qwen25vl-video; builds the video splits it needs
+video-model: .venv/bin/python  ## fine-tune the bundled base model on the moving-digit videos (learner/sft_video.py: all weights, then the decoder grounded by temporal slot; about 55 min) into assets/tiny-qwen25vl-video; builds the video splits it needs
 	OMP_NUM_THREADS=1 $(PY) -m learner.sft_video --out assets/tiny-qwen25vl-video
 
 lint: .venv/bin/python

@@ -10,10 +10,11 @@ Builds the video family's splits when missing (deterministic by seed: `services.
    grounded on the step and cell each answer is read at (learner/video_grounding.py); this teaches *when*
    and *where*, which stage 1 leaves at chance.
 
-`--steps 0` skips stage 1 (to ground a model that already had it: the report keeps the base's recipe). It saves the checkpoint with the base's processor, and
-writes eval_report.json whose "eval" section comes from the one evaluator (learner/base_eval.py: sf-eval's
-pruned rollout path on vLLM, judged by the reward server's checkers) on the video family's val, test and a
-fresh test split, at every report budget. Sized for one CPU core: about 30 minutes (`--threads 1`).
+`--steps 0` skips stage 1 (to ground a model that already had it: the report keeps the base's recipe). It saves
+the checkpoint with the base's processor and writes eval_report.json, whose "eval" section comes from the one
+evaluator (learner/base_eval.py: sf-eval's pruned rollout path on vLLM, judged by the reward server's checkers)
+on the video family's val, test and a fresh test split, at every report budget. Sized for one CPU core
+(`--threads 1`): stage 1 takes about 30 minutes, stage 2 about 22.
 """
 
 from __future__ import annotations
