@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument("--" + name.replace("_", "-"), type=str, help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     report = run(VideoSFTConfig(**values))
-    print(f"timing {report['timing_s']} s, final loss {report['final_loss']:.4f}")
+    losses = {"stage 1": report["final_loss"], "stage 2": report.get("grounding", {}).get("final_loss")}
+    print(f"timing {report['timing_s']} s, final loss "
+          + ", ".join(f"{stage} {loss:.4f}" for stage, loss in losses.items() if loss is not None))
     if "eval" in report:
         print_summary(report["eval"])
 
