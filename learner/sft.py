@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -38,6 +37,7 @@ from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
 from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
 from learner.judging import judged_summary
+from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
 from services.data import TASK_FAMILIES, DatasetItem, SplitSizes, build_family, load_dataset, open_image
 from services.data.build import build_part
@@ -178,10 +178,7 @@ def ensure_splits(config: SFTConfig) -> tuple[list[Path], dict[str, dict[str, Pa
 
 def learning_rate_at(step: int, config: SFTConfig) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, config.learning_rate, config.warmup_steps, config.steps)
 
 
 def batch_indices(total: int, config: SFTConfig) -> Iterator[list[int]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from learner.base_eval import (
 )
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
+from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
 from learner.video_grounding import (
     GroundingSchedule,
@@ -109,14 +109,6 @@ def ensure_video_splits(config: VideoSFTConfig) -> dict[str, Path]:
     return paths
 
 
-def warmup_cosine(step: int, peak: float, warmup_steps: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def learning_rate_at(step: int, config: VideoSFTConfig) -> float:
     """Stage 1's learning rate at ``step``."""
     return warmup_cosine(step, config.learning_rate, config.warmup_steps, config.steps)
@@ -170,8 +162,7 @@ def ground(model: torch.nn.Module, processor, items: list[DatasetItem], paths: d
         attention_weight=config.attention_weight, seed=config.seed,
     )
     before = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
-    losses = train_decoder(model, processor, videos, schedule, lambda step: warmup_cosine(
-        step, config.grounding_learning_rate, config.warmup_steps, config.grounding_steps))
+    losses = train_decoder(model, processor, videos, schedule)
     after = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
     model.set_attn_implementation({"text_config": text_attention,
                                    "vision_config": model.config.vision_config._attn_implementation})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from learner.grounding import attention_mass_loss, video_answer_token_mask
+from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
 from services.data import DatasetItem
 from services.data.layout import Layout
@@ -130,12 +131,8 @@ def grounded_losses(model: torch.nn.Module, processor, videos: CachedVideos,
     return output.loss, torch.zeros(()) if attention is None else attention
 
 
-def train_decoder(model: torch.nn.Module, processor, videos: CachedVideos, schedule: GroundingSchedule,
-                  learning_rate_at) -> list[float]:
-    """Grounded SFT of every decoder weight (the vision tower frozen); returns each step's total loss.
-
-    learning_rate_at(step) -> the learning rate of that step.
-    """
+def train_decoder(model: torch.nn.Module, processor, videos: CachedVideos, schedule: GroundingSchedule) -> list[float]:
+    """Grounded SFT of every decoder weight (the vision tower frozen); returns each step's total loss."""
     decoder = [parameter for name, parameter in model.named_parameters() if ".visual." not in f".{name}"]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(".visual." not in f".{name}")
@@ -146,7 +143,7 @@ def train_decoder(model: torch.nn.Module, processor, videos: CachedVideos, sched
     with ChunkProgress("video grounding", schedule.steps, "steps") as progress:
         for step in range(schedule.steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step)
+                group["lr"] = warmup_cosine(step, schedule.learning_rate, schedule.warmup_steps, schedule.steps)
             asked = draw_questions(rng, videos, schedule.batch_size, schedule.kinds)
             answer, attention = grounded_losses(model, processor, videos, asked, schedule)
             (answer + schedule.attention_weight * attention).backward()

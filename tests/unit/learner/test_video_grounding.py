@@ -98,13 +98,13 @@ def test_the_grounding_stage_trains_the_decoder_alone_and_pulls_attention_onto_t
 
     base, processor, _items, cached = videos
     model = copy.deepcopy(base)
-    schedule = GroundingSchedule(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=0, kinds=KINDS,
+    schedule = GroundingSchedule(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, kinds=KINDS,
                                  attention_layer=3, attention_heads=2, attention_weight=1.0, seed=0)
     probe = draw_questions(np.random.default_rng(1), cached, 16, {"when": 1.0, "where_row": 1.0})
     with torch.no_grad():
         _, attention_before = grounded_losses(model, processor, cached, probe, schedule)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    losses = train_decoder(model, processor, cached, schedule, lambda _step: schedule.learning_rate)
+    losses = train_decoder(model, processor, cached, schedule)
     with torch.no_grad():
         _, attention_after = grounded_losses(model, processor, cached, probe, schedule)
     assert len(losses) == 20 and all(np.isfinite(losses))
