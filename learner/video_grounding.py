@@ -26,7 +26,7 @@ from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
 from services.data import DatasetItem
 from services.data.layout import Layout
-from services.data.moving_digits import MovingDigitQuestion, question_about
+from services.data.moving_digits import PER_STEP_KINDS, MovingDigitQuestion, question_about
 from services.data.video import load_video
 from services.modeling.batching import IGNORE_INDEX, cached_video_training_inputs
 from services.modeling.pruned_forward import image_features, video_inputs
@@ -61,6 +61,10 @@ class GroundingSchedule:
 def cache_visual_tokens(model: torch.nn.Module, processor, items: Sequence[DatasetItem],
                         layouts: dict[str, Layout], label: str) -> CachedVideos:
     """Run the vision tower once over every item's video; every video must share one patch grid."""
+    missing = [item.task.id for item in items if item.task.id not in layouts]
+    if missing:
+        raise ValueError(f"{label}: {len(missing)} video(s) have no layout line (first: {missing[0]}); grounding "
+                         "needs the generator's <split>.layout.jsonl beside the split")
     features, grids, seconds = [], set(), set()
     with ChunkProgress(f"visual tokens ({label})", len(items), "videos") as progress:
         for item in items:
@@ -95,7 +99,7 @@ def every_question(videos: CachedVideos, kinds: Sequence[str]) -> list[tuple[int
     asked = []
     for video, layout in enumerate(videos.layouts):
         for kind in kinds:
-            steps = range(len(layout.cells)) if kind in ("when", "where_row", "where_column") else range(1)
+            steps = range(len(layout.cells)) if kind in PER_STEP_KINDS else range(1)
             asked.extend((video, kind, _question(layout, kind, step)) for step in steps)
     return asked
 

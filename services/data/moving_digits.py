@@ -27,6 +27,7 @@ from services.data.mix import check_question_mix
 from services.schemas.models import AnswerType, Task
 
 QUESTION_KINDS: tuple[str, ...] = ("when", "where_row", "where_column", "which", "path")
+PER_STEP_KINDS: tuple[str, ...] = ("when", "where_row", "where_column")  # one question per step of a video
 # "path" asks for every step's cell at once ("12 22 21 11": row then column, step by step): dense supervision for
 # SFT's train mix, as "read_grid" is for the digit grids; the default (evaluation) mix asks single questions.
 FAMILY = "video"

@@ -139,3 +139,9 @@ def test_the_video_recipe_grounds_a_base_that_had_stage_one_and_keeps_its_lineag
     changed = {name for (name, a), (_, b) in zip(after.named_parameters(), before.named_parameters(), strict=True)
                if not torch.equal(a, b)}
     assert changed and not any("visual" in name for name in changed)
+
+
+def test_caching_refuses_videos_without_a_layout_before_running_the_tower(videos: tuple) -> None:
+    model, processor, items, _ = videos
+    with pytest.raises(ValueError, match=r"4 video\(s\) have no layout line .*layout.jsonl"):
+        cache_visual_tokens(model, processor, items, {}, "user split")
