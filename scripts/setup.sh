@@ -15,6 +15,30 @@ HASH=$(cat scripts/setup.sh requirements/*.txt pyproject.toml | sha256sum | cut 
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
+# A CI machine can be short of disk, and pip's wheel cache would hold a second copy of the ~3 GB of downloads.
+[ "${CI:-}" = true ] && export PIP_NO_CACHE_DIR=1
+
+# Measured on a fresh install of the cpu flavour: the venv ends at ~7 GB; the downloads (~3 GB) sit in the temp
+# folder until installed, and pip's cache keeps another copy unless PIP_NO_CACHE_DIR is set.
+nearest_existing() { local d="$1"; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; echo "$d"; }
+free_gb() { df -Pk "$1" | awk 'NR==2 {printf "%d", $4 / 1048576}'; }
+device_of() { df -P "$1" | awk 'NR==2 {print $1}'; }
+check_free_space() {
+  local venv_dir tmp_dir need_venv=8 need_tmp=3 short=()
+  [ -n "${PIP_NO_CACHE_DIR:-}" ] || need_tmp=6
+  venv_dir=$(nearest_existing "$(realpath -m "$VENV")")
+  tmp_dir=$(nearest_existing "${TMPDIR:-/tmp}")
+  if [ "$(device_of "$venv_dir")" = "$(device_of "$tmp_dir")" ]; then
+    need_venv=$((need_venv + need_tmp)); need_tmp=0
+  fi
+  [ "$(free_gb "$venv_dir")" -ge "$need_venv" ] || short+=("${need_venv} GB for $VENV ($venv_dir has $(free_gb "$venv_dir") GB free)")
+  [ "$(free_gb "$tmp_dir")" -ge "$need_tmp" ] || short+=("${need_tmp} GB of downloads in $tmp_dir ($(free_gb "$tmp_dir") GB free)")
+  [ ${#short[@]} -eq 0 ] && return 0
+  echo "[setup] not enough free disk for a first install: it needs ${short[*]}." \
+       "Free some space, set PIP_NO_CACHE_DIR=1 to skip pip's wheel cache, or point VENV / TMPDIR at a larger disk." >&2
+  exit 1
+}
+
 install_system_packages() {
   [ "${SKIP_APT:-0}" = 1 ] && return 0
   local missing=()
@@ -39,6 +63,7 @@ install_python() {
   if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
     log "$VENV is up to date ($FLAVOR)"; return 0
   fi
+  "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1 || check_free_space
   [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
   pypi_pip install -q --upgrade pip wheel
   if [ "$FLAVOR" = cpu ]; then
