@@ -137,9 +137,12 @@ def grounded_losses(model: torch.nn.Module, processor, videos: CachedVideos,
 
 def train_decoder(model: torch.nn.Module, processor, videos: CachedVideos, schedule: GroundingSchedule) -> list[float]:
     """Grounded SFT of every decoder weight (the vision tower frozen); returns each step's total loss."""
-    decoder = [parameter for name, parameter in model.named_parameters() if ".visual." not in f".{name}"]
+    decoder = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".visual." not in f".{name}")
+        in_decoder = ".visual." not in f".{name}"
+        parameter.requires_grad_(in_decoder)
+        if in_decoder:
+            decoder.append(parameter)
     optimizer = torch.optim.AdamW(decoder, lr=schedule.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     rng = np.random.default_rng(schedule.seed)
     losses: list[float] = []
