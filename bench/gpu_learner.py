@@ -58,7 +58,13 @@ from services.sparsity.scorers import ScorerInputs, TextAttentionScorer
 
 PEAK_BF16_FLOPS = 790e12
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
-IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+# Qwen2.5-VL's special ids. The toy shape has a 4k vocabulary, its special ids at the top: a 152k one makes the
+# lm_head's weight gradient, a bf16 matmul the CPU is slow at, most of a toy step.
+SPECIAL_TOKENS = {"real": {"vision_start_token_id": 151652, "vision_end_token_id": 151653,
+                           "image_token_id": 151655, "video_token_id": 151656},
+                  "tiny": {"vision_start_token_id": 4090, "vision_end_token_id": 4091,
+                           "image_token_id": 4093, "video_token_id": 4094}}
+FIRST_TEXT_ID = 100
 VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14, "spatial_merge_size": 2,
               "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
               "in_chans": 3, "tokens_per_second": 2}
@@ -68,7 +74,8 @@ TEXT = {
     "7B": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
     "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False},
+                 "num_key_value_heads": 2, "vocab_size": 4096, "tie_word_embeddings": False,
+             "bos_token_id": 4088, "eos_token_id": 4089},
 }
 TINY_VISION = dict(VISION, depth=4, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1, 3])
 
@@ -82,8 +89,7 @@ def qwen25_vl_config(shape: str) -> Qwen2_5_VLConfig:
         vision_config={**vision, "out_hidden_size": text["hidden_size"]},
         text_config={**text, "rope_theta": 1_000_000.0, "rope_scaling": {"type": "mrope", "mrope_section": mrope},
                      "max_position_embeddings": 128_000, "rms_norm_eps": 1e-6},
-        tie_word_embeddings=text["tie_word_embeddings"], image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        tie_word_embeddings=text["tie_word_embeddings"], **SPECIAL_TOKENS["tiny" if shape == "tiny" else "real"],
     )
 
 
@@ -145,11 +151,17 @@ def random_pixels(grid: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=generator)
 
 
-def prompt_ids(visual_tokens: int, question_tokens: int, seed: int) -> list[int]:
+def random_text_ids(config: Qwen2_5_VLConfig, count: int, generator: torch.Generator) -> list[int]:
+    """Random ordinary text ids, below every special id of the config."""
+    return torch.randint(FIRST_TEXT_ID, config.vision_start_token_id, (count,), generator=generator).tolist()
+
+
+def prompt_ids(config: Qwen2_5_VLConfig, visual_tokens: int, question_tokens: int, seed: int) -> list[int]:
     """The chat layout of a Qwen2.5-VL prompt with random text ids: system, image, question, assistant prefix."""
     generator = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(100, 150_000, (n,), generator=generator).tolist()
-    return [*text(12), VISION_START, *[IMAGE_TOKEN] * visual_tokens, VISION_END, *text(question_tokens), *text(5)]
+    text = lambda n: random_text_ids(config, n, generator)
+    return [*text(12), config.vision_start_token_id, *[config.image_token_id] * visual_tokens,
+            config.vision_end_token_id, *text(question_tokens), *text(5)]
 
 
 def make_group(model: torch.nn.Module, index: int, grid: torch.Tensor, keep_ratios: list[float],
@@ -157,14 +169,14 @@ def make_group(model: torch.nn.Module, index: int, grid: torch.Tensor, keep_rati
     """One group of len(keep_ratios) rollouts on one random image: keep sets from random scores."""
     merge = model.config.vision_config.spatial_merge_size
     total = int(grid.prod()) // merge ** 2
-    prompt = prompt_ids(total, question_tokens, seed=index)
+    prompt = prompt_ids(model.config, total, question_tokens, seed=index)
     scores = torch.rand(total, generator=torch.Generator().manual_seed(index))
     generator = torch.Generator().manual_seed(1000 + index)
     task = Task(id=f"task-{index}", image="x.png", question="q", answer="a", answer_type="exact")
     rollouts, rewards = [], []
     for position, ratio in enumerate(keep_ratios):
         selection = select(scores, KeepRatio(ratio))
-        completion = torch.randint(100, 150_000, (completion_tokens,), generator=generator).tolist()
+        completion = random_text_ids(model.config, completion_tokens, generator)
         rollouts.append(Rollout(
             task_id=task.id, rollout_index=position, budget=Budget(kind="keep_ratio", value=ratio),
             prompt_token_ids=prompt, completion_token_ids=completion, completion_logprobs=[-1.0] * completion_tokens,
@@ -288,7 +300,7 @@ def grpo_step_section(args: argparse.Namespace, device: torch.device, out: dict[
         except torch.OutOfMemoryError as error:
             section[name] = {"oom": True, "error": str(error)[:300]}
             return
-        useful = step_flops(flops, groups, IMAGE_TOKEN, config.share_prompts and config.forward == "batched")
+        useful = step_flops(flops, groups, policy.config.image_token_id, config.share_prompts and config.forward == "batched")
         rollouts = sum(len(g.rollouts) for g in groups)
         section[name] = {
             "group_size": group_size, "groups": len(groups), "knobs": {k: str(v) for k, v in knobs.items()},
@@ -439,7 +451,7 @@ def scorer_section(args: argparse.Namespace, model: torch.nn.Module, pixel_value
     if time.monotonic() > args.deadline:
         return
     total = int(grid.prod()) // 4
-    ids = torch.tensor([prompt_ids(total, args.question_tokens, seed=7)], device=device)
+    ids = torch.tensor([prompt_ids(model.config, total, args.question_tokens, seed=7)], device=device)
     with torch.no_grad():
         features = image_features(model, pixel_values, grid_device)
     inputs = ScorerInputs(ids, pixel_values, grid_device, image_embeds=features)
