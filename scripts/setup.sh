@@ -22,7 +22,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # folder until installed, and pip's cache keeps another copy unless PIP_NO_CACHE_DIR is set.
 nearest_existing() { local d="$1"; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; echo "$d"; }
 free_gb() { df -Pk "$1" | awk 'NR==2 {printf "%d", $4 / 1048576}'; }
-device_of() { df -P "$1" | awk 'NR==2 {print $1}'; }
+device_of() { stat -c %d "$1"; }
 check_free_space() {
   local venv_dir tmp_dir need_venv=8 need_tmp=3 short=()
   [ -n "${PIP_NO_CACHE_DIR:-}" ] || need_tmp=6
@@ -34,7 +34,8 @@ check_free_space() {
   [ "$(free_gb "$venv_dir")" -ge "$need_venv" ] || short+=("${need_venv} GB for $VENV ($venv_dir has $(free_gb "$venv_dir") GB free)")
   [ "$(free_gb "$tmp_dir")" -ge "$need_tmp" ] || short+=("${need_tmp} GB of downloads in $tmp_dir ($(free_gb "$tmp_dir") GB free)")
   [ ${#short[@]} -eq 0 ] && return 0
-  echo "[setup] not enough free disk for a first install: it needs ${short[*]}." \
+  local needs; needs=$(printf '%s and ' "${short[@]}"); needs=${needs% and }
+  echo "[setup] not enough free disk for a first install: it needs ${needs}." \
        "Free some space, set PIP_NO_CACHE_DIR=1 to skip pip's wheel cache, or point VENV / TMPDIR at a larger disk." >&2
   exit 1
 }
