@@ -103,6 +103,17 @@ def attention_mass_loss(attention: torch.Tensor, input_ids: torch.Tensor, labels
     return torch.stack(losses).mean() if losses else None
 
 
+def set_text_attention(model: torch.nn.Module, implementation: str) -> str:
+    """Switch the decoder's attention kernel, leaving the vision tower's; returns the decoder's previous one.
+
+    The answer-attention loss reads the decoder's softmax weights, which only "eager" attention returns.
+    """
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": implementation,
+                                   "vision_config": model.config.vision_config._attn_implementation})
+    return previous
+
+
 def video_answer_token_mask(layout: Layout, grid_thw: Sequence[int], step: int, cell: tuple[int, int]) -> torch.Tensor:
     """(slots * rows * columns,) True for the merged visual tokens that show ``cell`` at ``step`` of a video.
 

@@ -35,7 +35,13 @@ from learner.base_eval import (
 )
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
-from learner.grounding import VisualTokenProbe, answer_token_mask, attention_mass_loss, token_grids
+from learner.grounding import (
+    VisualTokenProbe,
+    answer_token_mask,
+    attention_mass_loss,
+    set_text_attention,
+    token_grids,
+)
 from learner.judging import judged_summary
 from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
@@ -292,10 +298,7 @@ def run(config: SFTConfig) -> dict:
     build_tiny_model(staging, TinyModelSpec(seed=config.seed, rope_theta=config.rope_theta), corpus=corpus)
     model, processor = load_model_and_processor(staging)
     if config.attention_weight > 0:
-        # The answer-attention loss reads the decoder's softmax weights, which only eager attention returns;
-        # the vision tower keeps its faster kernel.
-        model.set_attn_implementation({"text_config": "eager",
-                                       "vision_config": model.config.vision_config._attn_implementation})
+        set_text_attention(model, "eager")
     eval_items = {family: load_dataset(splits["val"])[:64] for family, splits in paths.items()}
     losses = train(model, processor, train_items, layouts, config, eval_items)
     train_s = time.perf_counter() - started - data_s

@@ -39,6 +39,7 @@ from learner.base_eval import (
 )
 from learner.eval_metrics import parse_budgets
 from learner.fresh_split import FRESH_SEED
+from learner.grounding import set_text_attention
 from learner.lr_schedule import warmup_cosine
 from learner.progress import ChunkProgress
 from learner.video_grounding import (
@@ -147,10 +148,7 @@ def ground(model: torch.nn.Module, processor, items: list[DatasetItem], paths: d
            config: VideoSFTConfig) -> dict:
     """Stage 2 (learner/video_grounding.py) on the train split; returns its record, with val accuracy by kind."""
     started = time.perf_counter()
-    text_attention = model.config.text_config._attn_implementation
-    # The attention loss reads the decoder's softmax weights, which only eager attention returns.
-    model.set_attn_implementation({"text_config": "eager",
-                                   "vision_config": model.config.vision_config._attn_implementation})
+    text_attention = set_text_attention(model, "eager")
     val_items = load_dataset(paths["val"])
     videos = cache_visual_tokens(model, processor, items, load_layouts(paths["train"]), "train")
     val_videos = cache_visual_tokens(model, processor, val_items, load_layouts(paths["val"]), "val")
@@ -164,8 +162,7 @@ def ground(model: torch.nn.Module, processor, items: list[DatasetItem], paths: d
     before = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
     losses = train_decoder(model, processor, videos, schedule)
     after = teacher_forced_accuracy(model, processor, val_videos, list(kinds))
-    model.set_attn_implementation({"text_config": text_attention,
-                                   "vision_config": model.config.vision_config._attn_implementation})
+    set_text_attention(model, text_attention)
     print(f"video grounding: val teacher-forced accuracy {before} -> {after}")
     return {"final_loss": float(np.mean(losses[-50:])), "val_teacher_forced": {"before": before, "after": after},
             "seconds": round(time.perf_counter() - started, 1)}

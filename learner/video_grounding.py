@@ -85,10 +85,11 @@ def draw_questions(rng: np.random.Generator, videos: CachedVideos, count: int,
     """``count`` (video index, question) pairs: a random video, a kind by weight, a random step."""
     names = list(kinds)
     weights = np.array([kinds[name] for name in names], dtype=float)
+    probabilities = weights / weights.sum()
     drawn = []
     for _ in range(count):
         video = int(rng.integers(len(videos.layouts)))
-        kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        kind = names[int(rng.choice(len(names), p=probabilities))]
         layout = videos.layouts[video]
         drawn.append((video, _question(layout, kind, int(rng.integers(len(layout.cells))))))
     return drawn
